@@ -1,0 +1,552 @@
+"""Typed run configuration: YAML recipe + dotted overrides -> validated ``RunConfig``.
+
+Every field is declared once, with its type, default, allowed range and a one-line help.
+Validation happens here, before any data is read or any worker starts, and every failure is a
+one-line ``ConfigError`` naming the file/line or override and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+from trainers.errors import ConfigError
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict"]
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, lo: float | None = None,
+       hi: float | None = None, factory: Any = None, path_field: bool = False) -> Any:
+    """A dataclass field with its help text and inclusive numeric bounds."""
+    meta = {"help": help, "lo": lo, "hi": hi, "path": path_field}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    format: Literal["text", "image_folder", "digits"] = _f(
+        "text", help="text: TSV/CSV/JSONL files; image_folder: root/<split>/<class>/*.png|jpg; "
+        "digits: scikit-learn's bundled 8x8 digits")
+    root: str = _f("", help="dataset folder (text/image_folder) holding one file or folder per split",
+                   path_field=True)
+    train_split: str = _f("train", help="split the few-shot examples are drawn from")
+    test_split: str | None = _f("test", help="split used for the final evaluation; null = the "
+                                "examples of train_split that were not drawn")
+    text_column: str = _f("text", help="column holding the text (text format)")
+    label_column: str = _f("label", help="column holding the integer label (text format)")
+    label_text_column: str | None = _f("label_text", help="optional column with class names")
+    class_depth: int = _f(1, lo=1, hi=3, help="image_folder: folder levels that name a class "
+                          "(2 for Omniglot's <alphabet>/<character>)")
+    shots: int | None = _f(16, lo=1, help="K examples per class for training; null = all")
+    val_shots: int = _f(0, lo=0, help="extra examples per class, disjoint from the K shots, "
+                        "used for per-epoch validation and early stopping")
+    max_classes: int | None = _f(None, lo=2, help="keep only the first N classes (sorted)")
+    max_test: int | None = _f(None, lo=1, help="evaluate on a fixed stratified subset of this "
+                              "many test examples (seed-independent)")
+    seed: int = _f(0, lo=0, help="seed of the few-shot draw")
+    folds: int = _f(0, lo=0, help="k for stratified k-fold over the few-shot set (0 = off)")
+    fold: int = _f(0, lo=0, help="which fold validates when folds > 0")
+    max_length: int = _f(64, lo=8, hi=4096, help="tokenizer max length (text)")
+    image_size: int | None = _f(None, lo=8, hi=1024, help="resize images to this square size")
+    channels: int = _f(3, lo=1, hi=3, help="image channels after loading (1 or 3)")
+    mean: list[float] = _f(factory=lambda: [0.485, 0.456, 0.406],
+                           help="per-channel normalisation mean")
+    std: list[float] = _f(factory=lambda: [0.229, 0.224, 0.225],
+                          help="per-channel normalisation std")
+
+    def validate(self) -> None:
+        if self.format != "digits" and not self.root:
+            raise ConfigError(f"data.root: required for data.format={self.format!r}")
+        if self.folds == 1:
+            raise ConfigError("data.folds: 1 is not a split; use 0 (off) or >= 2")
+        if self.folds and self.fold >= self.folds:
+            raise ConfigError(f"data.fold: {self.fold} out of range for data.folds={self.folds} "
+                              f"(allowed 0..{self.folds - 1})")
+        if self.folds and self.shots is not None and self.shots < self.folds:
+            raise ConfigError(f"data.folds: {self.folds} folds need at least {self.folds} shots "
+                              f"per class, data.shots={self.shots}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"data.mean/data.std: need {self.channels} values (data.channels), "
+                              f"got {len(self.mean)}/{len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std: values must be > 0, got {self.std}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = _f("minilm", help="minilm | hf:<local folder> | torchvision:resnet18|resnet50 | "
+                   "cifar_resnet20|cifar_resnet56 | mlp (tiny, for tests)")
+    weights: str | None = _f(None, help="local weights file (torchvision / cifar_resnet)",
+                             path_field=True)
+    pretrained: bool = _f(True, help="load pretrained weights (False = random init)")
+    strategy: str = _f("full", help="fine-tuning strategy (registry in trainers/strategies.py)")
+    pooling: Literal["cls", "mean"] = _f("cls", help="sentence pooling for encoders")
+    freeze_backbone: bool = _f(False, help="train only the new head")
+    unfreeze_after: int | None = _f(None, lo=0, help="unfreeze the backbone after this many "
+                                    "epochs (with freeze_backbone)")
+    dropout: float | None = _f(None, lo=0.0, hi=0.99, help="override the classifier dropout")
+    hidden: int = _f(64, lo=1, help="hidden width of the 'mlp' model")
+
+    def validate(self) -> None:
+        if self.unfreeze_after is not None and not self.freeze_backbone:
+            raise ConfigError("model.unfreeze_after: only meaningful with "
+                              "model.freeze_backbone=true")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = _f("adamw", help="optimizer (registry in trainers/optim.py): gd, sgd, momentum, "
+                   "adam, adamw")
+    lr: float = _f(5e-5, lo=0.0, hi=10.0, help="peak learning rate")
+    momentum: float = _f(0.9, lo=0.0, hi=0.9999, help="momentum (momentum optimizer)")
+    nesterov: bool = _f(False, help="Nesterov momentum (momentum optimizer)")
+    betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="Adam betas")
+    eps: float = _f(1e-8, lo=0.0, help="Adam epsilon")
+    weight_decay: float = _f(0.0, lo=0.0, help="decoupled weight decay (AdamW-style)")
+    l1: float = _f(0.0, lo=0.0, help="L1 penalty coefficient added to the loss")
+    l2: float = _f(0.0, lo=0.0, help="L2 penalty coefficient added to the loss (coupled)")
+    schedule: Literal["constant", "cosine", "linear"] = _f("linear", help="LR decay after warmup")
+    warmup: float = _f(0.1, lo=0.0, hi=1.0, help="warmup as a fraction of all steps")
+    grad_clip: float | None = _f(1.0, lo=0.0, help="clip the gradient norm (null = off)")
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: need two values in [0, 1), got {self.betas}")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    policy: str = _f("none", help="augmentation policy (registry in augment/): none, classic, "
+                     "randaugment, trivialaugment, autoaugment, text policies ...")
+    strength: float = _f(0.5, lo=0.0, hi=1.0, help="one knob for the policy's intensity")
+    mode: Literal["online", "materialised"] = _f("online", help="online: fresh transform each "
+                                                 "epoch; materialised: D plus `copies` fixed copies")
+    copies: int = _f(1, lo=0, hi=100, help="transformed copies per example (materialised)")
+    mixup_alpha: float = _f(0.0, lo=0.0, help="mixup Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = _f(0.0, lo=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
+    params: dict[str, Any] = _f(factory=dict, help="policy-specific options, e.g. "
+                                "{rotation: 20, shift: 0.2, flip: true}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = _f(10, lo=1, hi=100000, help="epochs over the few-shot set")
+    max_steps: int | None = _f(None, lo=1, help="stop after this many optimizer steps")
+    batch_size: int = _f(16, lo=1, hi=65536, help="micro batch per worker")
+    grad_accum: int = _f(1, lo=1, hi=1024, help="micro batches per optimizer step")
+    eval_batch_size: int = _f(64, lo=1, help="batch size for evaluation")
+    eval_every: int = _f(0, lo=0, help="evaluate every N optimizer steps (0 = every epoch)")
+    monitor: str = _f("val/accuracy", help="metric for best checkpoint and early stopping")
+    mode: Literal["max", "min"] = _f("max", help="whether the monitored metric should go up")
+    patience: int | None = _f(None, lo=1, help="early stopping: evaluations without improvement")
+    min_delta: float = _f(0.0, lo=0.0, help="early stopping: smallest change that counts")
+    engine: Literal["auto", "plain", "ddp", "deepspeed"] = _f(
+        "auto", help="auto: ddp when a process group of >1 ranks exists, else plain")
+    zero_stage: int = _f(1, lo=0, hi=3, help="DeepSpeed ZeRO stage")
+    offload: bool = _f(False, help="DeepSpeed: offload optimizer state to CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: CUDA when present")
+    seed: int = _f(0, lo=0, help="seed of initialisation, shuffling and dropout")
+    output_dir: str = _f("runs", help="folder that holds one folder per run")
+    run_name: str | None = _f(None, help="run folder name; default <recipe>-<config hash>")
+    resume: bool = _f(False, help="continue from the run folder's latest checkpoint")
+    save_checkpoints: bool = _f(True, help="write last/best checkpoints")
+    progress: bool = _f(True, help="show a progress bar (rank 0)")
+    num_threads: int | None = _f(None, lo=1, help="torch intra-op threads (null = torch default)")
+    label_smoothing: float = _f(0.0, lo=0.0, hi=0.99, help="cross-entropy label smoothing")
+
+    def validate(self) -> None:
+        if self.patience is not None and self.monitor.startswith("val/") is False:
+            raise ConfigError(f"train.monitor: early stopping must monitor a validation metric "
+                              f"('val/...'), got {self.monitor!r}")
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    num_workers: int = _f(0, lo=0, hi=4096, help="Ray Train workers (0 = run in this process)")
+    use_gpu: bool = _f(False, help="one GPU (or gpus_per_worker) per worker")
+    cpus_per_worker: float = _f(1.0, lo=0.0, hi=1024, help="CPUs reserved per worker")
+    gpus_per_worker: float = _f(1.0, lo=0.0, hi=16, help="GPUs per worker when use_gpu")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
+        "PACK", help="Ray placement strategy of the workers")
+    max_failures: int = _f(0, lo=-1, help="restarts after a worker failure (-1 = unlimited)")
+    storage_path: str | None = _f(None, help="Ray Train storage (shared path for multi-node); "
+                                  "default <output_dir>/ray")
+    address: str | None = _f(None, help="Ray address; default $RAY_ADDRESS or a local instance")
+
+    def validate(self) -> None:
+        if self.use_gpu and self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ConfigError("scaling.gpus_per_worker: fractional GPUs with several workers put "
+                              "two ranks on one GPU (NCCL fails); use >= 1 or num_workers=1")
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    space: dict[str, Any] = _f(factory=dict, help="search space: dotted field -> "
+                               "choice[...] | uniform[a, b] | loguniform[a, b] | randint[a, b] | grid[...]")
+    search: Literal["random", "grid", "optuna"] = _f("random", help="search algorithm")
+    scheduler: Literal["none", "asha", "pbt"] = _f("asha", help="trial scheduler")
+    num_samples: int = _f(8, lo=1, help="trials (per grid point for grid search)")
+    metric: str = _f("val/accuracy", help="metric the search optimises")
+    mode: Literal["max", "min"] = _f("max", help="optimisation direction")
+    max_concurrent: int | None = _f(None, lo=1, help="cap on concurrent trials (planner decides "
+                                    "when null)")
+    time_budget_s: float | None = _f(None, lo=1, help="stop starting trials after this long")
+    grace_period: int = _f(1, lo=1, help="ASHA: evaluations before a trial may be stopped")
+    reduction_factor: float = _f(3.0, lo=1.01, help="ASHA reduction factor")
+    max_failures: int = _f(1, lo=0, help="retries of a failed trial")
+    name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
+    final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = _f("run", help="recipe name (run folders derive from it)")
+    data: DataConfig = _f(factory=DataConfig, help="data and few-shot sampling")
+    model: ModelConfig = _f(factory=ModelConfig, help="model factory")
+    optim: OptimConfig = _f(factory=OptimConfig, help="optimizer and schedule")
+    augment: AugmentConfig = _f(factory=AugmentConfig, help="augmentation")
+    train: TrainConfig = _f(factory=TrainConfig, help="training loop")
+    scaling: ScalingConfig = _f(factory=ScalingConfig, help="Ray Train scaling")
+    tune: TuneConfig = _f(factory=TuneConfig, help="Ray Tune sweep")
+
+    # -- derived ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Stable short hash of everything that changes the result (not where it is written)."""
+        d = self.to_dict()
+        for k in ("output_dir", "run_name", "resume", "progress"):
+            d["train"].pop(k, None)
+        d.pop("scaling", None)
+        d.pop("tune", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / (self.train.run_name or f"{self.name}-{self.digest()}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config (tmp + rename, so a crash never leaves half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+    def replace(self, overrides: dict[str, Any], source: str = "override") -> "RunConfig":
+        """A validated copy with dotted-key overrides applied (used by Tune trials)."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value, source, RunConfig)
+        return from_dict(raw, source=source)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+# --------------------------------------------------------------------------------------------
+# Building a dataclass from plain data, with checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError that names ``where``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{where}: {value!r} is not allowed (allowed: "
+                          f"{', '.join(map(str, allowed))}){extra}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{where}: unknown key (valid: {', '.join(fields)}){extra}")
+        v = _coerce(value, hints[key], where)
+        meta = fields[key].metadata
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+                raise ConfigError(f"{where}: {v} is out of range (allowed {rng})")
+        if isinstance(v, list) and v and isinstance(v[0], float):
+            if v != v or any(x != x for x in v):
+                raise ConfigError(f"{where}: NaN is not allowed")
+        if isinstance(v, float) and v != v:
+            raise ConfigError(f"{where}: NaN is not allowed")
+        kwargs[key] = v
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig from plain data (the top level of a recipe)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the recipe must be a mapping of sections, got "
+                          f"{type(raw).__name__}")
+    try:
+        cfg = _build(RunConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:  # e.g. a key that is not a string
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers, and dotted overrides
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key (for error messages)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping = {}
+    lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (list, dict)):
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a name, "
+                              f"got {key!r}")
+        if key in mapping:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    return _Lines(mapping, lines)
+
+
+class _Lines(dict):
+    """A dict that knows the YAML line of each of its keys."""
+
+    def __init__(self, data: dict, lines: dict):
+        super().__init__(data)
+        self.lines = lines
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_of(raw: Any, dotted: str) -> int | None:
+    line = None
+    node = raw
+    for part in dotted.split("."):
+        part = part.split("[")[0]
+        if not isinstance(node, _Lines) or part not in node:
+            break
+        line = node.lines.get(part)
+        node = node[part]
+    return line
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_LineLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003). Values are read as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-4")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    value = parse_yaml(text, f"override {item!r}") if text.strip() else ""
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if cls is not None and dataclasses.is_dataclass(cls):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                where = ".".join(parts[: i + 1])
+                hint = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{source}: {where}: unknown key (valid: {', '.join(names)})"
+                                  f"{extra}")
+            tp = _field_types(cls)[part]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                *, check_paths: bool = True) -> RunConfig:
+    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p}: file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raw = parse_yaml(text, source) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the recipe must be a mapping of sections "
+                              f"(data, model, optim, ...), got {type(raw).__name__}")
+        raw.setdefault("name", p.stem)
+    lines_src = raw
+    raw = _plain(raw)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value, f"override {item!r}", RunConfig)
+    try:
+        cfg = _build(RunConfig, raw, "")
+    except ConfigError as e:
+        msg = str(e)
+        dotted = msg.split(":", 1)[0]
+        line = _line_of(lines_src, dotted)
+        where = f"{source} line {line}" if line else source
+        raise ConfigError(f"{where}: {msg}") from None
+    if check_paths:
+        check_files(cfg)
+    return cfg
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def check_files(cfg: RunConfig) -> None:
+    """Fail early on files named in the config that do not exist."""
+    for section in (cfg.data, cfg.model):
+        name = type(section).__name__.replace("Config", "").lower()
+        for f in dataclasses.fields(section):
+            if not f.metadata.get("path"):
+                continue
+            value = getattr(section, f.name)
+            if not value:
+                continue
+            if not Path(value).exists():
+                raise ConfigError(f"{name}.{f.name}: {value!r} does not exist "
+                                  f"(paths are relative to the current folder {os.getcwd()})")

@@ -1,0 +1,379 @@
+"""Datasets, the few-shot sampler and stratified k-fold.
+
+A dataset is loaded whole (few-shot data is small): texts stay strings (tokenised per batch, so
+text augmentation can act on words), images become one float tensor in [0, 1]. The few-shot
+draw happens before any augmentation, so augmented copies never cross train/eval splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from trainers.config import DataConfig
+from trainers.errors import DataError
+
+TEXT_SUFFIXES = (".tsv", ".csv", ".jsonl")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass
+class Split:
+    """Examples of one split: ``inputs`` are texts or a float image tensor [N, C, H, W]."""
+
+    inputs: list[str] | torch.Tensor
+    labels: torch.Tensor
+    sources: list[str] = field(default_factory=list)  # file:line or path, for messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: Sequence[int]) -> "Split":
+        idx = list(idx)
+        if isinstance(self.inputs, torch.Tensor):
+            inputs = self.inputs[torch.as_tensor(idx, dtype=torch.long)]
+        else:
+            inputs = [self.inputs[i] for i in idx]
+        sources = [self.sources[i] for i in idx] if self.sources else []
+        return Split(inputs, self.labels[torch.as_tensor(idx, dtype=torch.long)], sources)
+
+
+@dataclass
+class FewShotData:
+    """What a run trains, validates and tests on."""
+
+    modality: str  # "text" | "image"
+    classes: list[str]
+    train: Split
+    val: Split | None
+    test: Split | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_map(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders (registry keyed by DataConfig.format)
+
+Loader = Callable[[DataConfig], tuple[str, list[str], dict[str, Split]]]
+LOADERS: dict[str, Loader] = {}
+
+
+def register_loader(name: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+    return deco
+
+
+def _split_file(root: Path, split: str) -> Path | None:
+    for suffix in TEXT_SUFFIXES:
+        p = root / f"{split}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def read_text_file(path: Path, text_col: str, label_col: str,
+                   label_text_col: str | None) -> tuple[list[str], list[int], list[str], dict[int, str]]:
+    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and line."""
+    texts, labels, sources, names = [], [], [], {}
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 ({e.reason})") from None
+    lines = raw.splitlines()
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object per line")
+            rows.append((n, row))
+    else:
+        delim = "\t" if path.suffix == ".tsv" else ","
+        quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(lines, delimiter=delim, quoting=quoting)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty file (expected a header row)")
+        for col in (text_col, label_col):
+            if col not in header:
+                raise DataError(f"{path} line 1: missing column {col!r} (columns: "
+                                f"{', '.join(header)}); set data.text_column/data.label_column")
+        rows = []
+        for n, values in enumerate(reader, 2):
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise DataError(f"{path} line {n}: {len(values)} fields, header has "
+                                f"{len(header)}")
+            rows.append((n, dict(zip(header, values))))
+    for n, row in rows:
+        if text_col not in row or label_col not in row:
+            missing = text_col if text_col not in row else label_col
+            raise DataError(f"{path} line {n}: missing column {missing!r}")
+        text, label = row[text_col], row[label_col]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path} line {n}: empty text in column {text_col!r}")
+        try:
+            label_i = int(label)
+            if isinstance(label, float) and not label.is_integer():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DataError(f"{path} line {n}: label {label!r} is not an integer class index") from None
+        if label_i < 0:
+            raise DataError(f"{path} line {n}: label {label_i} is negative")
+        texts.append(text)
+        labels.append(label_i)
+        sources.append(f"{path}:{n}")
+        if label_text_col and label_text_col in row:
+            names.setdefault(label_i, str(row[label_text_col]))
+    return texts, labels, sources, names
+
+
+@register_loader("text")
+def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
+    root = Path(cfg.root)
+    splits: dict[str, Split] = {}
+    names: dict[int, str] = {}
+    wanted = [s for s in (cfg.train_split, cfg.test_split) if s]
+    for split in wanted:
+        path = root if root.is_file() else _split_file(root, split)
+        if path is None:
+            raise DataError(f"data.root={cfg.root}: no {split}.tsv/.csv/.jsonl for split "
+                            f"{split!r}")
+        texts, labels, sources, n = read_text_file(path, cfg.text_column, cfg.label_column,
+                                                   cfg.label_text_column)
+        names.update(n)
+        splits[split] = Split(texts, torch.tensor(labels, dtype=torch.long), sources)
+    num_classes = max(int(s.labels.max()) for s in splits.values()) + 1
+    train_labels = set(splits[cfg.train_split].labels.tolist())
+    for split, s in splits.items():
+        bad = [i for i, y in enumerate(s.labels.tolist()) if y not in train_labels]
+        if bad:
+            raise DataError(f"{s.sources[bad[0]]}: label {int(s.labels[bad[0]])} never occurs in "
+                            f"split {cfg.train_split!r} (labels there: {sorted(train_labels)})")
+    missing = sorted(set(range(num_classes)) - train_labels)
+    if missing:
+        raise DataError(f"{cfg.root}: split {cfg.train_split!r} has no example of label(s) "
+                        f"{missing}: labels must be 0..C-1")
+    classes = [names.get(i, str(i)) for i in range(num_classes)]
+    return "text", classes, splits
+
+
+def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _image_classes(split_root: Path, depth: int) -> dict[str, Path]:
+    dirs = [split_root]
+    for _ in range(depth):
+        dirs = sorted(d for parent in dirs for d in parent.iterdir() if d.is_dir())
+    return {str(d.relative_to(split_root)): d for d in dirs}
+
+
+@register_loader("image_folder")
+def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
+    """root/<split>/<class>/*.png|jpg (class path of ``class_depth`` levels)."""
+    root = Path(cfg.root)
+    splits: dict[str, Split] = {}
+    classes: list[str] | None = None
+    for split in [s for s in (cfg.train_split, cfg.test_split) if s]:
+        split_root = root / split if (root / split).is_dir() else None
+        if split_root is None:
+            if split == cfg.train_split and not cfg.test_split:
+                split_root = root  # a single folder of classes; the test set is the remainder
+            else:
+                raise DataError(f"data.root={cfg.root}: no folder {split!r} for that split")
+        found = _image_classes(split_root, cfg.class_depth)
+        if classes is None:
+            classes = sorted(found)
+            if cfg.max_classes:
+                classes = classes[: cfg.max_classes]
+        images, labels, sources = [], [], []
+        for label, name in enumerate(classes):
+            if name not in found:
+                raise DataError(f"{split_root}: class folder {name!r} is missing (it exists in "
+                                f"split {cfg.train_split!r})")
+            files = sorted(p for p in found[name].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for p in files:
+                images.append(p)
+                labels.append(label)
+        if not images:
+            raise DataError(f"{split_root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        tensors = [_load_image(p, cfg.image_size, cfg.channels) for p in images]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise DataError(f"{split_root}: images of different sizes {sorted(shapes)[:3]}; set "
+                            f"data.image_size to resize them")
+        splits[split] = Split(torch.stack(tensors).float().div_(255.0),
+                              torch.tensor(labels, dtype=torch.long), [str(p) for p in images])
+    assert classes is not None
+    return "image", classes, splits
+
+
+@register_loader("digits")
+def load_digits(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
+    """scikit-learn's bundled 8x8 digits (no download): a tiny real dataset for tests."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    if cfg.channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.long)
+    rng = np.random.default_rng(12345)  # a fixed train/test split, independent of data.seed
+    perm = rng.permutation(len(y))
+    cut = int(0.7 * len(y))
+    src = [f"digits[{i}]" for i in range(len(y))]
+    make = lambda idx: Split(x[idx], y[idx], [src[i] for i in idx])  # noqa: E731
+    return "image", [str(i) for i in range(10)], {cfg.train_split: make(perm[:cut].tolist()),
+                                                  **({cfg.test_split: make(perm[cut:].tolist())}
+                                                     if cfg.test_split else {})}
+
+
+# --------------------------------------------------------------------------------------------
+# Few-shot sampling and k-fold
+
+
+def sample_few_shot(labels: Sequence[int], shots: int, seed: int,
+                    exclude: set[int] | None = None, what: str = "train") -> list[int]:
+    """Exactly ``shots`` indices per class, stratified, deterministic for ``seed``."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        if exclude is None or i not in exclude:
+            by_class[int(y)].append(i)
+    rng = random.Random(seed)
+    chosen = []
+    for c in sorted(by_class):
+        pool = by_class[c]
+        if len(pool) < shots:
+            raise DataError(f"data.shots={shots}: class {c} of the {what} split has only "
+                            f"{len(pool)} example(s) available")
+        chosen.extend(rng.sample(pool, shots))
+    return sorted(chosen)
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[list[int]]:
+    """k disjoint folds covering every index, each with the classes in equal proportion."""
+    if k < 2:
+        raise DataError(f"k-fold needs k >= 2, got {k}")
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[int(y)].append(i)
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    offset = 0
+    for c in sorted(by_class):
+        idx = by_class[c][:]
+        if len(idx) < k:
+            raise DataError(f"data.folds={k}: class {c} has only {len(idx)} example(s)")
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(j + offset) % k].append(i)
+        offset += len(idx)  # rotate so leftovers of each class spread over folds
+    return [sorted(f) for f in folds]
+
+
+def _stratified_subset(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[int(y)].append(i)
+    rng = random.Random(seed)
+    for pool in by_class.values():
+        rng.shuffle(pool)
+    out: list[int] = []
+    classes = sorted(by_class)
+    j = 0
+    while len(out) < min(n, len(labels)):  # round-robin keeps the subset stratified
+        pool = by_class[classes[j % len(classes)]]
+        if pool:
+            out.append(pool.pop())
+        j += 1
+    return sorted(out)
+
+
+def load_dataset(cfg: DataConfig) -> FewShotData:
+    """Load the splits, draw the K-shot training set (and validation), cap the test set."""
+    if cfg.format not in LOADERS:
+        raise DataError(f"data.format={cfg.format!r}: unknown (allowed: {', '.join(LOADERS)})")
+    modality, classes, splits = LOADERS[cfg.format](cfg)
+    pool = splits[cfg.train_split]
+    labels = pool.labels.tolist()
+    if cfg.max_classes and len(classes) > cfg.max_classes:
+        keep = [i for i, y in enumerate(labels) if y < cfg.max_classes]
+        pool = pool.take(keep)
+        labels = pool.labels.tolist()
+        classes = classes[: cfg.max_classes]
+        for name in list(splits):
+            if name != cfg.train_split:
+                s = splits[name]
+                splits[name] = s.take([i for i, y in enumerate(s.labels.tolist())
+                                       if y < cfg.max_classes])
+    if len(set(labels)) < 2:
+        raise DataError(f"{cfg.root or cfg.format}: split {cfg.train_split!r} has only one class; "
+                        f"classification needs at least 2")
+    if cfg.shots is None:
+        train_idx = list(range(len(labels)))
+    else:
+        train_idx = sample_few_shot(labels, cfg.shots, cfg.seed, what=cfg.train_split)
+    used = set(train_idx)
+    val = None
+    if cfg.folds:
+        fold_labels = [labels[i] for i in train_idx]
+        folds = stratified_folds(fold_labels, cfg.folds, cfg.seed)
+        val_pos = set(folds[cfg.fold])
+        val = pool.take([train_idx[p] for p in sorted(val_pos)])
+        train_idx = [train_idx[p] for p in range(len(train_idx)) if p not in val_pos]
+    elif cfg.val_shots:
+        val_idx = sample_few_shot(labels, cfg.val_shots, cfg.seed + 7919, exclude=used,
+                                  what=f"{cfg.train_split} (validation draw)")
+        used |= set(val_idx)
+        val = pool.take(val_idx)
+    if cfg.test_split:
+        test = splits[cfg.test_split]
+    else:  # no test split: evaluate on what the draws left over
+        rest = [i for i in range(len(labels)) if i not in used]
+        test = pool.take(rest) if rest else None
+    if test is not None and cfg.max_test and len(test) > cfg.max_test:
+        test = test.take(_stratified_subset(test.labels.tolist(), cfg.max_test, seed=0))
+    return FewShotData(modality, classes, pool.take(train_idx), val, test)
+
+
+def save_label_map(data: FewShotData, run_dir: Path) -> None:
+    path = Path(run_dir) / "labels.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"classes": data.classes, "label_to_index": data.label_map(),
+                               "train_sources": data.train.sources}, indent=1))
+    tmp.replace(path)

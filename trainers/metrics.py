@@ -1,0 +1,53 @@
+"""Classification metrics from a confusion matrix: accuracy, precision, recall, F1, MCC."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """cm[i, j] = examples of true class i predicted as j."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b != 0)
+
+
+def mcc(cm: np.ndarray) -> float:
+    """Matthews correlation coefficient, multi-class form (Gorodkin 2004)."""
+    cm = cm.astype(np.float64)
+    s = cm.sum()
+    c = np.trace(cm)
+    t = cm.sum(axis=1)  # true counts
+    p = cm.sum(axis=0)  # predicted counts
+    num = c * s - t @ p
+    den = math.sqrt(s * s - p @ p) * math.sqrt(s * s - t @ t)
+    return float(num / den) if den else 0.0
+
+
+def classification_metrics(y_true, y_pred, num_classes: int,
+                           per_class: bool = False) -> dict[str, float | list[float]]:
+    """Accuracy, macro precision/recall/F1 and MCC (zero where a class has no predictions)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    precision = _safe_div(tp, cm.sum(axis=0).astype(np.float64))
+    recall = _safe_div(tp, cm.sum(axis=1).astype(np.float64))
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    total = cm.sum()
+    out: dict[str, float | list[float]] = {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+        "mcc": mcc(cm),
+    }
+    if per_class:
+        out.update(precision_per_class=precision.tolist(), recall_per_class=recall.tolist(),
+                   f1_per_class=f1.tolist(), confusion=cm.tolist())
+    return out

