@@ -85,6 +85,7 @@ def test_bad_recipe_is_named(tmp_path, text, needles):
 
 @pytest.mark.parametrize("override,needle", [
     ("optim.lr", "expected key=value"),
+    ("optim.lr=-1", "override .optim.lr=-1.: optim.lr: -1.0 is out of range"),
     ("optim.lrr=0.1", "did you mean 'lr'"),
     ("nosuch.key=1", "nosuch"),
     ("data.shots=many", "data.shots"),

@@ -172,6 +172,8 @@ class TrainConfig:
     progress: bool = _f(True, help="show a progress bar (rank 0)")
     num_threads: int | None = _f(None, lo=1, help="torch intra-op threads (null = torch default)")
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.99, help="cross-entropy label smoothing")
+    test: bool = _f(True, help="load and evaluate the test split at the end (sweeps set false: "
+                    "model selection never sees test labels)")
 
     def validate(self) -> None:
         if self.patience is not None and self.monitor.startswith("val/") is False:
@@ -513,14 +515,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raw.setdefault("name", p.stem)
     lines_src = raw
     raw = _plain(raw)
+    given: dict[str, str] = {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value, f"override {item!r}", RunConfig)
+        given[key] = item
     try:
         cfg = _build(RunConfig, raw, "")
     except ConfigError as e:
         msg = str(e)
         dotted = msg.split(":", 1)[0]
+        if dotted in given:  # the value came from the command line, not the file
+            raise ConfigError(f"override {given[dotted]!r}: {msg}") from None
         line = _line_of(lines_src, dotted)
         where = f"{source} line {line}" if line else source
         raise ConfigError(f"{where}: {msg}") from None

@@ -8,6 +8,7 @@ draw happens before any augmentation, so augmented copies never cross train/eval
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -324,10 +325,16 @@ def _stratified_subset(labels: Sequence[int], n: int, seed: int) -> list[int]:
     return sorted(out)
 
 
-def load_dataset(cfg: DataConfig) -> FewShotData:
-    """Load the splits, draw the K-shot training set (and validation), cap the test set."""
+def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
+    """Load the splits, draw the K-shot training set (and validation), cap the test set.
+
+    With ``with_test=False`` the test split is never read, so whatever trains or selects on
+    the result cannot see test labels.
+    """
     if cfg.format not in LOADERS:
         raise DataError(f"data.format={cfg.format!r}: unknown (allowed: {', '.join(LOADERS)})")
+    if not with_test and cfg.test_split:
+        cfg = dataclasses.replace(cfg, test_split=None)
     modality, classes, splits = LOADERS[cfg.format](cfg)
     pool = splits[cfg.train_split]
     labels = pool.labels.tolist()
@@ -361,7 +368,9 @@ def load_dataset(cfg: DataConfig) -> FewShotData:
                                   what=f"{cfg.train_split} (validation draw)")
         used |= set(val_idx)
         val = pool.take(val_idx)
-    if cfg.test_split:
+    if not with_test:
+        test = None
+    elif cfg.test_split:
         test = splits[cfg.test_split]
     else:  # no test split: evaluate on what the draws left over
         rest = [i for i in range(len(labels)) if i not in used]

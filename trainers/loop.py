@@ -41,6 +41,7 @@ class Hooks:
     """How a launcher (Ray Train, Tune) plugs into ``fit`` without ``fit`` importing it."""
 
     on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None
+    on_finish: Callable[[dict[str, Any], Path | None], None] | None = None  # final metrics
     resume_from: Path | None = None  # a checkpoint folder to continue from
     local_rank: int | None = None
 
@@ -254,7 +255,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         torch.set_num_threads(t.num_threads)
     run_dir = prepare_run_dir(cfg, rank)
     _barrier()
-    data = data or load_dataset(cfg.data)
+    data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
         save_label_map(data, run_dir)
     device = pick_device(cfg, hooks.local_rank)
@@ -289,7 +290,10 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
                 "history": []}
     resume_dir = hooks.resume_from or (ckpts.pointer("latest") if t.resume else None)
-    if resume_dir is not None:
+    if resume_dir is not None and (Path(resume_dir) / "result.json").is_file():
+        engine.load_model_state(torch.load(Path(resume_dir) / "model.pt", map_location="cpu",
+                                           weights_only=True))  # a finished run
+    elif resume_dir is not None:
         engine.load(Path(resume_dir))
         progress = json.loads((Path(resume_dir) / "progress.json").read_text())
         print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
@@ -397,18 +401,39 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
         if progress["best"] is not None:
             final[f"best_{t.monitor}"] = progress["best"]
-    if data.test is not None:
+    if data.test is not None and t.test:
         final.update(evaluate(engine, batcher, data.test, data.num_classes, t.eval_batch_size,
                               "test"))
     final["epochs"] = progress["epoch"]
     final["steps"] = progress["global_step"]
-    result = RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
-                       best_ckpt, stopped_early)
+    summary = {"metrics": final, "stopped_early": stopped_early,
+               "best_checkpoint": str(best_ckpt) if best_ckpt else None}
+    final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
     if rank == 0:
-        _write_json(run_dir / "result.json", {"metrics": final, "stopped_early": stopped_early,
-                                              "best_checkpoint": str(best_ckpt) if best_ckpt
-                                              else None})
-    return result
+        _write_json(run_dir / "result.json", summary)
+    if hooks.on_finish is not None:
+        hooks.on_finish(final, final_dir)
+    return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
+                     best_ckpt, stopped_early)
+
+
+def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
+                rank: int) -> Path:
+    """checkpoints/final: the weights the test metrics came from, a plain model.pt for export."""
+    final_dir = run_dir / "checkpoints" / "final"
+    tmp = run_dir / "checkpoints" / ".tmp-final"
+    state = engine.model_state()  # collective under ZeRO-3: every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "model.pt")
+        _write_json(tmp / "progress.json", progress)
+        _write_json(tmp / "result.json", summary)
+        shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    _barrier()
+    return final_dir
 
 
 def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:

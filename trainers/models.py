@@ -71,7 +71,8 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
     """Copy ``state`` into ``module``; the head may differ, everything else must fit."""
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
-    missing = [k for k in own if k not in state and not k.startswith(skip_prefixes)]
+    missing = [k for k in own if k not in state and not k.startswith(skip_prefixes)
+               and not k.endswith("num_batches_tracked")]  # older checkpoints lack this buffer
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:

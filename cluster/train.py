@@ -1,0 +1,175 @@
+"""Ray Train: the same ``trainers.fit`` on N workers (DDP or DeepSpeed), on any Ray cluster.
+
+Only ``scaling.*`` changes between a laptop and a cluster. Each worker rebuilds the validated
+config from plain data (no globals captured), runs ``fit`` with hooks that report metrics and
+checkpoints to Ray, and resumes from ``ray.train.get_checkpoint()`` after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainers.config import RunConfig, from_dict
+from trainers.errors import ClusterError
+
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class DistributedResult:
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_dir: Path
+    storage_dir: str
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Absolute output/storage paths: workers do not share the driver's working folder."""
+    out = os.path.abspath(cfg.train.output_dir)
+    storage = cfg.scaling.storage_path or os.path.join(out, "ray")
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    return cfg.replace({"train.output_dir": out, "scaling.storage_path": storage,
+                        "train.run_name": cfg.run_dir.name})
+
+
+def backend(use_gpu: bool) -> str:
+    """NCCL only where CUDA really is; gloo for CPUs and for clusters that merely claim GPUs."""
+    import torch
+
+    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+
+
+def scaling_config(cfg: RunConfig):
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                         resources_per_worker=resources, placement_strategy=s.placement)
+
+
+def check_fits(cfg: RunConfig, resources: dict[str, float]) -> None:
+    """Refuse, before any worker starts, a request the cluster can never satisfy."""
+    s = cfg.scaling
+    need_cpu = s.num_workers * s.cpus_per_worker
+    need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
+    have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if need_gpu > have_gpu:
+        raise ClusterError(f"scaling: {s.num_workers} workers x {s.gpus_per_worker:g} GPU need "
+                           f"{need_gpu:g} GPUs, the cluster has {have_gpu:g}")
+    if need_cpu > have_cpu:
+        raise ClusterError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
+                           f"{need_cpu:g} CPUs, the cluster has {have_cpu:g}")
+
+
+def build_trainer(cfg: RunConfig, run_name: str | None = None):
+    """A TorchTrainer for ``cfg`` (resolved paths), usable alone or inside a Tune trial."""
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    has_val = bool(cfg.data.val_shots or cfg.data.folds)
+    checkpoints = CheckpointConfig(
+        num_to_keep=2,
+        checkpoint_score_attribute=t.monitor if has_val else None,
+        checkpoint_score_order=t.mode)
+    return TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"cfg": cfg.to_dict()},
+        scaling_config=scaling_config(cfg),
+        torch_config=TorchConfig(backend=backend(cfg.scaling.use_gpu)),
+        run_config=RayRunConfig(
+            name=run_name or cfg.run_dir.name, storage_path=cfg.scaling.storage_path,
+            checkpoint_config=checkpoints,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+    )
+
+
+def train_distributed(cfg: RunConfig) -> DistributedResult:
+    """Run ``cfg`` on Ray Train with ``scaling.num_workers`` workers and return its result."""
+    from cluster.session import ensure_ray
+
+    cfg = resolve_paths(cfg)
+    check_fits(cfg, ensure_ray(cfg.scaling.address))
+    storage_dir = os.path.join(cfg.scaling.storage_path, cfg.run_dir.name)
+    if not cfg.train.resume and "://" not in storage_dir:
+        shutil.rmtree(storage_dir, ignore_errors=True)  # same name, fresh run: no stale restore
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    return DistributedResult(metrics, result.checkpoint.path if result.checkpoint else None,
+                             cfg.run_dir, storage_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# On each worker
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: rebuild the config, then run the one training loop."""
+    import ray.train
+    import torch
+
+    from trainers.engines import world
+    from trainers.loop import Hooks, fit
+
+    cfg = from_dict(config["cfg"], source="worker config")
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if cfg.train.num_threads is None:  # one worker per CPU slot: avoid oversubscription
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    record_placement(cfg, rank, ctx)
+    shards_everywhere = cfg.train.engine == "deepspeed"  # every rank holds part of the state
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        from ray.train import Checkpoint
+
+        send = folder is not None and (rank == 0 or shards_everywhere)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
+
+    def finish(metrics: dict[str, Any], folder: Path | None) -> None:
+        from ray.train import Checkpoint
+
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        best = metrics.get(f"best_{cfg.train.monitor}")
+        if best is not None:
+            row[cfg.train.monitor] = best  # the final checkpoint ranks by the best value seen
+        row["done"] = 1
+        send = folder is not None and rank == 0
+        ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        local = Path(tempfile.mkdtemp(prefix="smallshot-resume-"))
+        resume = Path(checkpoint.to_directory(str(local)))
+    assert world()[1] == ctx.get_world_size()
+    fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
+                   local_rank=ctx.get_local_rank()))
+
+
+def record_placement(cfg: RunConfig, rank: int, ctx: Any) -> None:
+    """workers/rank-N.json: where each rank ran (node, host, pid, devices) — for placement checks."""
+    import ray
+
+    folder = cfg.run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"rank": rank, "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
+            "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    tmp = folder / f".rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank-{rank}.json")

@@ -1,0 +1,102 @@
+"""The training loop: learning, checkpoints, exact resume, early stopping, NaN detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainers.config import load_config
+from trainers.loop import TrainingError, fit, load_checkpoint_model
+from trainers.errors import SmallshotError
+from conftest import CONFIGS
+
+
+def tiny(tmp_path, *extra):
+    return load_config(CONFIGS / "tiny-digits.yaml",
+                       [f"train.output_dir={tmp_path}", "train.progress=false", *extra])
+
+
+def test_fit_learns_and_writes_run_folder(tmp_path):
+    cfg = tiny(tmp_path)
+    result = fit(cfg)
+    # 10 classes: chance is 0.1; a 20-shot MLP on digits gets far above it
+    assert result.metrics["test/accuracy"] > 0.6
+    losses = [row["train/loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    run = result.run_dir
+    assert (run / "config.yaml").is_file() and (run / "labels.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == cfg.train.epochs and "val/accuracy" in rows[0]
+    assert json.loads((run / "labels.json").read_text())["classes"][:2] == ["0", "1"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert 1 <= len(ckpts) <= 2  # last + best only
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # the best checkpoint loads back into a plain model that scores like the run did
+    built = load_checkpoint_model(cfg, result.best_checkpoint, num_classes=10)
+    assert sum(p.numel() for p in built.module.parameters()) > 0
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    full = fit(tiny(tmp_path / "a", "train.epochs=4"))
+    # "interrupt" after epoch 1: a run capped at 1 epoch with the same schedule length...
+    part = tiny(tmp_path / "b", "train.epochs=4", "train.max_steps=7")
+    first = fit(part)
+    assert first.steps == 7 and first.epochs == 1
+    # ...then resumed from its latest checkpoint to the end
+    resumed = fit(tiny(tmp_path / "b", "train.epochs=4", "train.resume=true",
+                       f"train.run_name={first.run_dir.name}"))
+    assert resumed.steps == full.steps
+    for key in ("test/accuracy", "test/f1", "best_val/accuracy"):
+        assert resumed.metrics[key] == pytest.approx(full.metrics[key], abs=1e-9), key
+    assert [r["val/accuracy"] for r in resumed.history] == [r["val/accuracy"] for r in full.history]
+
+
+def test_mid_epoch_checkpoints_resume_exactly(tmp_path):
+    full = fit(tiny(tmp_path / "a", "train.eval_every=3", "train.epochs=2"))
+    cut = fit(tiny(tmp_path / "b", "train.eval_every=3", "train.epochs=2", "train.max_steps=9"))
+    resumed = fit(tiny(tmp_path / "b", "train.eval_every=3", "train.epochs=2",
+                       "train.resume=true", f"train.run_name={cut.run_dir.name}"))
+    assert resumed.metrics["test/accuracy"] == pytest.approx(full.metrics["test/accuracy"])
+
+
+def test_early_stopping_stops(tmp_path):
+    # a zero learning rate never improves validation: patience 2 stops after 3 evaluations
+    result = fit(tiny(tmp_path, "optim.lr=0", "train.patience=2", "train.epochs=20"))
+    assert result.stopped_early and len(result.history) == 3
+
+
+def test_nan_loss_is_reported_not_trained_on(tmp_path):
+    from trainers.data import load_dataset
+
+    cfg = tiny(tmp_path)
+    data = load_dataset(cfg.data)
+    data.train.inputs[3] = float("nan")  # one corrupted example poisons its batch's loss
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1.*check the data"):
+        fit(cfg, data=data)
+    assert not list((tmp_path).glob("*/checkpoints/step-*"))
+
+
+def test_full_batch_gd_takes_one_step_per_epoch(tmp_path):
+    result = fit(tiny(tmp_path, "optim.name=gd", "optim.lr=0.5", "train.epochs=3"))
+    assert result.steps == 3
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SmallshotError, match="train.output_dir=.*cannot write"):
+        fit(tiny(blocker))
+
+
+def test_frozen_backbone_only_moves_head(tmp_path):
+    cfg = tiny(tmp_path, "model.freeze_backbone=true", "train.epochs=1")
+    torch.manual_seed(cfg.train.seed)
+    from trainers.models import create_model
+
+    before = create_model(cfg.model, 10).module.state_dict()
+    result = fit(cfg)
+    after = torch.load(result.best_checkpoint / "model.pt", weights_only=True)
+    assert torch.equal(before["body.1.weight"], after["body.1.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])
