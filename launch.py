@@ -16,6 +16,7 @@ import sys
 # returns the function to call. Imports are lazy so `--help` and config errors stay instant.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainers.cli", "Train one run: locally, or on Ray Train when scaling.num_workers > 0"),
+    "seeds": ("trainers.cli", "Train once per few-shot seed and report mean ± std of test metrics"),
     "demo": ("trainers.cli", "The embedded default: a small MiniLM sweep on SST-2, then its report"),
     "tune": ("cluster.cli", "Run a Ray Tune sweep described by the recipe's tune section"),
     "report": ("cluster.cli", "Leaderboard, plots and best-config export of a sweep folder"),

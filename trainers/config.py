@@ -135,7 +135,8 @@ class OptimConfig:
 class AugmentConfig:
     policy: str = _f("none", help="augmentation policy (registry in augment/): none, classic, "
                      "randaugment, trivialaugment, autoaugment, text policies ...")
-    strength: float = _f(0.5, lo=0.0, hi=1.0, help="one knob for the policy's intensity")
+    strength: float = _f(1.0, lo=0.0, hi=1.0, help="scales the policy's params (their values "
+                         "are the maxima, reached at 1); 0 = identity")
     mode: Literal["online", "materialised"] = _f("online", help="online: fresh transform each "
                                                  "epoch; materialised: D plus `copies` fixed copies")
     copies: int = _f(1, lo=0, hi=100, help="transformed copies per example (materialised)")

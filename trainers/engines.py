@@ -14,6 +14,8 @@ Train) creates the process group; engines only read it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -143,6 +145,15 @@ class Engine:
         self.micro = int(state["micro"])
 
 
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (names and exact bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
@@ -169,6 +180,14 @@ class DDPEngine(Engine):
     def _sync_context(self) -> contextlib.AbstractContextManager:
         # skip the all-reduce on micro batches that do not end an optimizer step
         return contextlib.nullcontext() if self._boundary() else self.model.no_sync()
+
+    def save(self, folder: Path, rank: int) -> None:
+        """As the plain engine, plus replicas.json: every rank's weight digest (they must agree)."""
+        digests: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, state_digest(self.module))
+        super().save(folder, rank)
+        if rank == 0:
+            (folder / "replicas.json").write_text(json.dumps({"sha256": digests}))
 
 
 class DeepSpeedEngine(Engine):

@@ -125,6 +125,7 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
         raise ConfigError(f"model.name=hf:{folder}: not a Hugging Face model folder "
                           f"(no config.json)")
     hf_logging.set_verbosity_error()  # "newly initialized weights" is expected: the head is new
+    hf_logging.disable_progress_bar()
     conf = AutoConfig.from_pretrained(folder)
     if cfg.pretrained:
         encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
