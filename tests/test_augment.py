@@ -102,7 +102,7 @@ def test_classic_strength_scales_the_ranges():
 
 
 def test_classic_keras_example_is_one_config_line():
-    cfg = load_config(None, ["augment.policy=classic", "augment.strength=1",
+    cfg = load_config(None, ["data.format=digits", "augment.policy=classic", "augment.strength=1",
                              "augment.params={rotation: 20, shift: 0.2, flip: true}"])
     aug = build_batch_augment(cfg.augment, "image")
     assert aug.image_policy.rotation == 20 and aug.image_policy.shift == (0.2, 0.2)

@@ -36,7 +36,8 @@ def _policy(cfg: AugmentConfig, modality: str) -> Any:
     if modality not in MODALITIES:
         raise ConfigError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
     try:
-        return create_augment(cfg.policy, modality=modality, strength=cfg.strength, **cfg.params)
+        params = {} if cfg.policy == "none" else cfg.params  # switching off keeps the recipe's params
+        return create_augment(cfg.policy, modality=modality, strength=cfg.strength, **params)
     except AugmentError as e:
         raise ConfigError(f"augment.{e}") from None
 

@@ -103,6 +103,11 @@ class ModelConfig:
                                     "epochs (with freeze_backbone)")
     dropout: float | None = _f(None, lo=0.0, hi=0.99, help="override the classifier dropout")
     hidden: int = _f(64, lo=1, help="hidden width of the 'mlp' model")
+    contrastive_iterations: int = _f(5, lo=1, hi=1000, help="strategy=contrastive: pair "
+                                     "rounds; each pairs every example with one same-class "
+                                     "and one other-class example")
+    contrastive_lr: float = _f(2e-5, lo=0.0, hi=1.0, help="strategy=contrastive: learning "
+                               "rate of the pair stage on the body")
 
     def validate(self) -> None:
         if self.unfreeze_after is not None and not self.freeze_backbone:
@@ -466,7 +471,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
-    value = parse_yaml(text, f"override {item!r}") if text.strip() else ""
+    value = _plain(parse_yaml(text, f"override {item!r}")) if text.strip() else ""
     return key, value
 
 
@@ -533,7 +538,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"{where}: {msg}") from None
     if check_paths:
         check_files(cfg)
+    check_names(cfg)
     return cfg
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Registry names (optimizer, model, strategy, augmentation policy and its params) exist."""
+    from trainers.augmenting import build_batch_augment
+    from trainers.models import model_factory
+    from trainers.optim import optimizer_spec
+    from trainers.strategies import create_strategy
+
+    optimizer_spec(cfg.optim.name)
+    model_factory(cfg.model.name)
+    create_strategy(cfg.model.strategy)
+    build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")
 
 
 def _plain(x: Any) -> Any:

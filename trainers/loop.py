@@ -30,6 +30,7 @@ from trainers.errors import CheckpointError, SmallshotError
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
+from trainers.strategies import create_strategy
 
 
 class TrainingError(SmallshotError):
@@ -236,6 +237,15 @@ def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
 # The loop
 
 
+def resume_source(cfg: RunConfig, hooks: Hooks) -> Path | None:
+    """The checkpoint folder this run continues from, if any."""
+    if hooks.resume_from is not None:
+        return Path(hooks.resume_from)
+    if cfg.train.resume:
+        return Checkpoints(cfg.run_dir, world()[0]).pointer("latest")
+    return None
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                        smoothing: float) -> torch.Tensor:
     """Cross entropy for class indices or soft targets (mixup/cutmix rows summing to 1)."""
@@ -265,10 +275,12 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
     train_split = data.train
+    if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
+        create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
     augment = augmenting.build_batch_augment(cfg.augment, data.modality)
     if cfg.augment.policy != "none" and cfg.augment.mode == "materialised":
-        inputs, labels, _ = augmenting.materialise(train_split.inputs, train_split.labels, cfg.augment,
-                                        data.modality, seed=cfg.data.seed)
+        inputs, labels, _ = augmenting.materialise(train_split.inputs, train_split.labels,
+                                                   cfg.augment, data.modality, seed=cfg.data.seed)
         train_split = Split(inputs, labels)
         augment = augmenting.build_batch_augment(cfg.augment.__class__(
             policy="none", mixup_alpha=cfg.augment.mixup_alpha,
@@ -289,7 +301,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
 
     progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
                 "history": []}
-    resume_dir = hooks.resume_from or (ckpts.pointer("latest") if t.resume else None)
+    resume_dir = resume_source(cfg, hooks)
     if resume_dir is not None and (Path(resume_dir) / "result.json").is_file():
         engine.load_model_state(torch.load(Path(resume_dir) / "model.pt", map_location="cpu",
                                            weights_only=True))  # a finished run

@@ -285,18 +285,24 @@ def _mlp(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
     return BuiltModel(MLP(in_features, cfg.hidden, num_classes), ("head.",))
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
-    """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``)."""
-    prefix, _, arg = cfg.name.partition(":")
+def model_factory(name: str) -> tuple[Factory, str]:
+    """The registered factory for ``prefix[:argument]`` and its argument, or a clear error."""
+    prefix, _, arg = name.partition(":")
     if prefix not in MODELS:
         import difflib
 
         hint = difflib.get_close_matches(prefix, list(MODELS), n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"model.name={cfg.name!r}: unknown model (allowed: minilm, hf:<folder>, "
+        raise ConfigError(f"model.name={name!r}: unknown model (allowed: minilm, hf:<folder>, "
                           f"torchvision:resnet18|resnet34|resnet50, cifar_resnet20, "
                           f"cifar_resnet56, mlp[:<inputs>]){extra}")
-    built = MODELS[prefix](cfg, num_classes, arg)
+    return MODELS[prefix], arg
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``)."""
+    factory, arg = model_factory(cfg.name)
+    built = factory(cfg, num_classes, arg)
     if cfg.freeze_backbone:
         built.set_backbone_trainable(False)
     return built

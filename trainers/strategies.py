@@ -1,0 +1,268 @@
+"""Fine-tuning strategies, keyed by ``model.strategy``: what happens before the main loop.
+
+A strategy prepares the model before ``fit`` fine-tunes it end to end:
+
+- ``full``: nothing; the head starts fresh.
+- ``lp-ft``: fit a linear probe (multinomial logistic regression) on the frozen embeddings of
+  the training split and start the head from it (Kumar et al. 2022, "LP-FT"): fine-tuning then
+  starts from a head that already fits, so early gradients do not distort the features.
+- ``contrastive``: a SetFit-style stage first trains the body on same-class / other-class pairs
+  (cosine-similarity loss on the embeddings), then the head is the probe fitted on the new
+  embeddings. The stage runs through ``create_engine``, so it uses plain / DDP / DeepSpeed
+  exactly as the main loop does.
+
+The embeddings are whatever the head receives (a forward pre-hook on the head module), so the
+probe works for every model in the factory. Everything here is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.config import RunConfig
+from trainers.data import Split
+from trainers.errors import ConfigError
+from trainers.models import BuiltModel
+
+Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
+STRATEGIES: dict[str, Prepare] = {}
+PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
+
+
+def register_strategy(name: str) -> Callable[[Prepare], Prepare]:
+    def deco(fn: Prepare) -> Prepare:
+        STRATEGIES[name] = fn
+        return fn
+    return deco
+
+
+def create_strategy(name: str) -> Prepare:
+    if name not in STRATEGIES:
+        raise ConfigError(f"model.strategy={name!r}: unknown (allowed: {', '.join(STRATEGIES)})")
+    return STRATEGIES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Head access, embeddings and the linear probe
+
+
+def head_module(built: BuiltModel) -> nn.Linear:
+    """The model's fresh linear head (named by the first of ``head_prefixes``)."""
+    name = built.head_prefixes[0].rstrip(".")
+    head = built.module.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"model.strategy: the head {name!r} is a {type(head).__name__}; "
+                          f"probe strategies need a linear head")
+    return head
+
+
+@contextmanager
+def swapped_head(built: BuiltModel, replacement: nn.Module) -> Iterator[nn.Linear]:
+    """Temporarily put ``replacement`` where the head is (the model then outputs embeddings)."""
+    name = built.head_prefixes[0].rstrip(".")
+    parent_name, _, attr = name.rpartition(".")
+    parent = built.module.get_submodule(parent_name) if parent_name else built.module
+    head = head_module(built)
+    setattr(parent, attr, replacement)
+    try:
+        yield head
+    finally:
+        setattr(parent, attr, head)
+
+
+def batch_inputs(batcher, split: Split, idx: list[int], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in batcher.inputs(split, idx).items()}
+
+
+@torch.no_grad()
+def embed_split(forward: Callable[..., torch.Tensor], batcher, split: Split,
+                batch_size: int) -> torch.Tensor:
+    """Embeddings of every example of ``split`` through ``forward`` (float32, on the CPU)."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        idx = list(range(start, min(start + batch_size, len(split))))
+        out.append(forward(**batcher.inputs(split, idx)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def head_inputs(built: BuiltModel, batcher, split: Split, batch_size: int) -> torch.Tensor:
+    """What the head receives for each example (eval mode: no dropout)."""
+    was_training = built.module.training
+    built.module.eval()
+    with swapped_head(built, nn.Identity()):
+        feats = embed_split(built.module, batcher, split, batch_size)
+    built.module.train(was_training)
+    return feats
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     c: float = PROBE_C) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, L2 on the weights (scikit-learn's objective / (C n)).
+
+    Full-batch L-BFGS in float64 from zeros: deterministic, and the same on every rank.
+    """
+    x = x.double()
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20,
+                            line_search_fn="strong_wolfe")
+    lam = 1.0 / (2.0 * c * len(y))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + lam * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+@torch.no_grad()
+def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
+    if head.bias is not None:
+        head.bias.copy_(bias.to(head.bias.device, head.bias.dtype))
+
+
+def probe_head(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
+               feats: torch.Tensor | None = None) -> None:
+    """Fit the probe on the head's inputs and copy it into the head."""
+    from trainers.loop import Batcher  # the loop imports this module; import back lazily
+
+    if feats is None:
+        built.module.to(device)
+        feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)
+    num_classes = head_module(built).out_features
+    w, b = fit_linear_probe(feats, train.labels, num_classes)
+    set_head(head_module(built), w, b)
+
+
+@register_strategy("full")
+def full(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
+    """Fine-tune everything from a freshly initialised head."""
+
+
+@register_strategy("lp-ft")
+def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
+    """Linear probe on frozen embeddings first, then the main loop fine-tunes from that head."""
+    probe_head(cfg, built, train, device)
+
+
+# --------------------------------------------------------------------------------------------
+# The contrastive (SetFit-style) stage
+
+
+def make_pairs(labels: list[int], iterations: int, seed: int) -> list[tuple[int, int, float]]:
+    """Each round pairs every example with one same-class (1.0) and one other-class (0.0) one."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    pairs = []
+    for _ in range(iterations):
+        for i, y in enumerate(labels):
+            same = [j for j in by_class[int(y)] if j != i] or [i]
+            other = [j for c, idx in by_class.items() if c != int(y) for j in idx]
+            pairs.append((i, rng.choice(same), 1.0))
+            if other:
+                pairs.append((i, rng.choice(other), 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+class PairModel(nn.Module):
+    """The body alone (head swapped out): embeddings of ``a_*`` inputs, or the pair loss.
+
+    forward(a_..., b_..., target) -> MSE between cos(emb_a, emb_b) and the target (SetFit's
+    CosineSimilarityLoss); forward(a_...) -> emb_a. Only the body's parameters live here, so
+    DDP sees no unused parameters.
+    """
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, target: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+        emb_a = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("a_")})
+        if target is None:
+            return emb_a
+        emb_b = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("b_")})
+        cos = F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1)
+        return F.mse_loss(cos, target.float())
+
+
+def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
+                      device: torch.device) -> tuple[list[float], torch.Tensor]:
+    """Train the body on pairs; the per-step pair losses and the new train embeddings."""
+    from trainers.engines import create_engine, world
+    from trainers.loop import Batcher, epoch_order, step_seed
+
+    m = cfg.model
+    rank, world_size = world()
+    pairs = make_pairs(train.labels.tolist(), m.contrastive_iterations, cfg.data.seed)
+    order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
+    bs = cfg.train.batch_size
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    stage_cfg = cfg.replace({"optim.lr": m.contrastive_lr, "train.grad_accum": 1,
+                             "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
+    batcher = Batcher(cfg, built, device)
+    losses: list[float] = []
+    with swapped_head(built, nn.Identity()):
+        pair_model = PairModel(built.module)
+        engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
+        engine.train(True)
+        for step, batch in enumerate(batches):
+            torch.manual_seed(step_seed(cfg.train.seed, step, rank))
+            a = [pairs[k][0] for k in batch]
+            b = [pairs[k][1] for k in batch]
+            target = torch.tensor([pairs[k][2] for k in batch], device=device)
+            loss = engine.forward(target=target, **batch_inputs(batcher, train, a, "a_"),
+                                  **batch_inputs(batcher, train, b, "b_"))
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        engine.train(False)
+        feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
+                            batcher, train, cfg.train.eval_batch_size)
+    built.module.train(True)
+    return losses, feats
+
+
+@register_strategy("contrastive")
+def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
+    """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings."""
+    _, feats = contrastive_stage(cfg, built, train, device)
+    probe_head(cfg, built, train, device, feats=feats)
+
+
+def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
+              iterations: int = 1) -> float:
+    """Mean pair loss of the current body on freshly drawn pairs (to check the stage helps)."""
+    from trainers.loop import Batcher
+
+    batcher = Batcher(cfg, built, device)
+    pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed + 1)
+    built.module.to(device).eval()
+    total = 0.0
+    with torch.no_grad(), swapped_head(built, nn.Identity()):
+        model = PairModel(built.module)
+        for s in range(0, len(pairs), 64):
+            chunk = pairs[s:s + 64]
+            target = torch.tensor([p[2] for p in chunk], device=device)
+            total += float(model(target=target,
+                                 **batch_inputs(batcher, train, [p[0] for p in chunk], "a_"),
+                                 **batch_inputs(batcher, train, [p[1] for p in chunk], "b_"))
+                           ) * len(chunk)
+    built.module.train(True)
+    return total / max(1, len(pairs))
+
