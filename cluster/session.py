@@ -27,7 +27,8 @@ def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, flo
             else:
                 local_kwargs.setdefault("dashboard_host", os.environ.get(
                     "SMALLSHOT_DASHBOARD_HOST", LOCAL_DASHBOARD_HOST))
-                local_kwargs.setdefault("include_dashboard", False)
+                # the dashboard serves the State API that Ray Train's placement-group cleaner uses
+                local_kwargs.setdefault("include_dashboard", True)
                 ray.init(address="local", **local_kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -7,6 +7,7 @@ checkpoints to Ray, and resumes from ``ray.train.get_checkpoint()`` after a fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from trainers.config import RunConfig, from_dict
 from trainers.errors import ClusterError
 
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 @dataclass
@@ -31,13 +33,22 @@ class DistributedResult:
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Absolute output/storage paths: workers do not share the driver's working folder."""
+    """Absolute paths (output, storage, data/weights files): workers run in another folder."""
     out = os.path.abspath(cfg.train.output_dir)
     storage = cfg.scaling.storage_path or os.path.join(out, "ray")
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    return cfg.replace({"train.output_dir": out, "scaling.storage_path": storage,
-                        "train.run_name": cfg.run_dir.name})
+    changes: dict[str, Any] = {"train.output_dir": out, "scaling.storage_path": storage,
+                               "train.run_name": cfg.run_dir.name}
+    for section in ("data", "model"):  # the fields the config marks as paths
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if f.metadata.get("path") and value:
+                changes[f"{section}.{f.name}"] = os.path.abspath(value)
+    if cfg.model.name.startswith("hf:"):  # a local model folder named inside model.name
+        changes["model.name"] = "hf:" + os.path.abspath(cfg.model.name[3:])
+    return cfg.replace(changes)
 
 
 def backend(use_gpu: bool) -> str:
@@ -79,6 +90,9 @@ def build_trainer(cfg: RunConfig, run_name: str | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    # The controller takes one report per worker each poll (2 s by default, queue of one), so
+    # runs that evaluate more often than that stall in report(); Ray passes this on to it.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     has_val = bool(cfg.data.val_shots or cfg.data.folds)
     checkpoints = CheckpointConfig(
         num_to_keep=2,
@@ -101,14 +115,33 @@ def train_distributed(cfg: RunConfig) -> DistributedResult:
     from cluster.session import ensure_ray
 
     cfg = resolve_paths(cfg)
-    check_fits(cfg, ensure_ray(cfg.scaling.address))
     storage_dir = os.path.join(cfg.scaling.storage_path, cfg.run_dir.name)
+    if cfg.train.resume:
+        done = finished_result(cfg, storage_dir)
+        if done is not None:
+            return done
+    check_fits(cfg, ensure_ray(cfg.scaling.address))
     if not cfg.train.resume and "://" not in storage_dir:
         shutil.rmtree(storage_dir, ignore_errors=True)  # same name, fresh run: no stale restore
     result = build_trainer(cfg).fit()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
+    return DistributedResult(metrics, result.checkpoint.path if result.checkpoint else None,
+                             cfg.run_dir, storage_dir)
+
+
+def finished_result(cfg: RunConfig, storage_dir: str) -> DistributedResult | None:
+    """The stored result of a run that already finished, else None (resume must not retrain)."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(storage_dir)
+    except RuntimeError:  # no run (or no snapshot) stored under this name
+        return None
+    metrics = dict(result.metrics or {})
+    if not metrics.get("done"):
+        return None
     return DistributedResult(metrics, result.checkpoint.path if result.checkpoint else None,
                              cfg.run_dir, storage_dir)
 
@@ -131,12 +164,14 @@ def train_worker(config: dict[str, Any]) -> None:
     if cfg.train.num_threads is None:  # one worker per CPU slot: avoid oversubscription
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     record_placement(cfg, rank, ctx)
-    shards_everywhere = cfg.train.engine == "deepspeed"  # every rank holds part of the state
+    # DeepSpeed: every rank writes a shard; one upload per node carries the node's folder
+    # (ranks of a node share it, and parallel uploads of one folder only repeat the copy)
+    uploads = rank == 0 or (cfg.train.engine == "deepspeed" and ctx.get_local_rank() == 0)
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         from ray.train import Checkpoint
 
-        send = folder is not None and (rank == 0 or shards_everywhere)
+        send = folder is not None and uploads
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                          checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
 
@@ -151,14 +186,20 @@ def train_worker(config: dict[str, Any]) -> None:
         send = folder is not None and rank == 0
         ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
 
-    resume = None
+    resume = local = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         local = Path(tempfile.mkdtemp(prefix="smallshot-resume-"))
         resume = Path(checkpoint.to_directory(str(local)))
+        # a restarted worker group continues this run: keep its folder (best pointer, metrics)
+        cfg = cfg.replace({"train.resume": True})
     assert world()[1] == ctx.get_world_size()
-    fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
-                   local_rank=ctx.get_local_rank()))
+    try:
+        fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
+                       local_rank=ctx.get_local_rank()))
+    finally:
+        if local is not None:  # the downloaded copy (weights + optimizer state) is spent
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def record_placement(cfg: RunConfig, rank: int, ctx: Any) -> None:

@@ -36,7 +36,8 @@ def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    # dashboard on (bound to localhost): Ray Train's placement-group cleaner needs its State API
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
