@@ -252,6 +252,19 @@ def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
 # The loop
 
 
+def ensure_space(run_dir: Path, module: torch.nn.Module, cfg: RunConfig) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints this run will write."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    # last + best + final, each weights plus up to two optimizer moments, plus slack for a rename
+    needed = int(weights * 3 * 3 * 1.1)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise SmallshotError(
+            f"train.output_dir={cfg.train.output_dir!r}: {free / 2**20:.1f} MiB free on that disk, "
+            f"checkpoints of this model need about {needed / 2**20:.1f} MiB; free space, choose "
+            f"another train.output_dir or set train.save_checkpoints=false")
+
+
 def resume_source(cfg: RunConfig, hooks: Hooks) -> Path | None:
     """The checkpoint folder this run continues from, if any."""
     if hooks.resume_from is not None:
@@ -289,6 +302,8 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
+    if t.save_checkpoints and rank == 0:
+        ensure_space(run_dir, built.module, cfg)
     train_split = data.train
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
         create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
