@@ -83,7 +83,7 @@ def check_fits(cfg: RunConfig, resources: dict[str, float]) -> None:
                            f"{need_cpu:g} CPUs, the cluster has {have_cpu:g}")
 
 
-def build_trainer(cfg: RunConfig, run_name: str | None = None):
+def build_trainer(cfg: RunConfig, run_name: str | None = None, callbacks: list | None = None):
     """A TorchTrainer for ``cfg`` (resolved paths), usable alone or inside a Tune trial."""
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
@@ -106,7 +106,8 @@ def build_trainer(cfg: RunConfig, run_name: str | None = None):
         run_config=RayRunConfig(
             name=run_name or cfg.run_dir.name, storage_path=cfg.scaling.storage_path,
             checkpoint_config=checkpoints,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=list(callbacks or [])),
     )
 
 
@@ -140,7 +141,7 @@ def finished_result(cfg: RunConfig, storage_dir: str) -> DistributedResult | Non
     except RuntimeError:  # no run (or no snapshot) stored under this name
         return None
     metrics = dict(result.metrics or {})
-    if not metrics.get("done"):
+    if not metrics.get("finished"):
         return None
     return DistributedResult(metrics, result.checkpoint.path if result.checkpoint else None,
                              cfg.run_dir, storage_dir)
@@ -182,7 +183,7 @@ def train_worker(config: dict[str, Any]) -> None:
         best = metrics.get(f"best_{cfg.train.monitor}")
         if best is not None:
             row[cfg.train.monitor] = best  # the final checkpoint ranks by the best value seen
-        row["done"] = 1
+        row["finished"] = 1  # not "done": Tune reads that key as "stop this trial"
         send = folder is not None and rank == 0
         ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
 

@@ -48,7 +48,7 @@ def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
     start = time.perf_counter()
     result = train_distributed(cfg)
     elapsed = time.perf_counter() - start
-    assert result.metrics["steps"] == 3 and result.metrics["done"] == 1
+    assert result.metrics["steps"] == 3 and result.metrics["finished"] == 1
     final = result.run_dir / "checkpoints" / "final"
     assert (final / "model.pt").is_file()
 

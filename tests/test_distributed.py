@@ -46,7 +46,7 @@ def test_ddp_learns_on_two_ranks_with_identical_weights(ddp_run) -> None:
     history = rows(run)
     assert len(history) == cfg.train.epochs
     assert history[-1]["train/loss"] < 0.5 * history[0]["train/loss"]
-    assert result.metrics["epochs"] == cfg.train.epochs and result.metrics["done"] == 1
+    assert result.metrics["epochs"] == cfg.train.epochs and result.metrics["finished"] == 1
     assert result.metrics["test/accuracy"] > 0.6  # chance is 0.1
     workers = [json.loads((run / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert workers[0]["pid"] != workers[1]["pid"]

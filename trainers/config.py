@@ -217,7 +217,8 @@ class TuneConfig:
     mode: Literal["max", "min"] = _f("max", help="optimisation direction")
     max_concurrent: int | None = _f(None, lo=1, help="cap on concurrent trials (planner decides "
                                     "when null)")
-    time_budget_s: float | None = _f(None, lo=1, help="stop starting trials after this long")
+    time_budget_s: float | None = _f(None, lo=1, help="end the sweep (running trials too) "
+                                     "after this long")
     grace_period: int = _f(1, lo=1, help="ASHA: evaluations before a trial may be stopped")
     reduction_factor: float = _f(3.0, lo=1.01, help="ASHA reduction factor")
     max_failures: int = _f(1, lo=0, help="retries of a failed trial")

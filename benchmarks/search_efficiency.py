@@ -1,0 +1,153 @@
+"""Search efficiency: trial-epochs until ASHA + random / ASHA + Optuna first match a full grid.
+
+The space is discretised so the grid can cover it: optimizer x 8 learning rates (1e-4 .. 3e-1),
+on tiny-digits (K=20 per class, 10 validation examples per class, 6 epochs). Training is
+seeded, so a config scores the same whichever search runs it. The grid trains every config
+for every epoch; its best validation accuracy is the target. Each searcher then runs, one
+trial at a time (so "first" is well defined), with twice as many trials as the grid has
+configs (ASHA trials are short: the budget is in trials, the cost in epochs), under ASHA
+(grace 1 epoch, reduction factor 3); its cost is the number of epochs trained, over all
+trials in order, until some trial's validation accuracy reaches the target. Several search
+seeds; "not reached" counts the searcher's whole spend.
+
+    python -m benchmarks.search_efficiency                # ~6 min on 2 cores
+    python -m benchmarks.search_efficiency --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import markdown_table, write_results
+from trainers.config import RunConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+OPTIMIZERS = ["sgd", "momentum", "adam"]
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+EPOCHS = 6
+METRIC = "val/accuracy"
+BUDGET = 2  # searcher trials per grid config
+
+
+def recipe(out: Path, name: str, search: str, scheduler: str, samples: int) -> RunConfig:
+    lrs = ", ".join(f"{lr:g}" for lr in LRS)
+    return load_config(CONFIGS / "tiny-digits.yaml", [
+        f"train.output_dir={out}", f"train.epochs={EPOCHS}", "train.save_checkpoints=false",
+        f"tune.space={{optim.name: 'choice[{', '.join(OPTIMIZERS)}]', "
+        f"optim.lr: 'choice[{lrs}]'}}",
+        f"tune.search={search}", f"tune.scheduler={scheduler}", f"tune.num_samples={samples}",
+        "tune.max_concurrent=1", "tune.grace_period=1", "tune.reduction_factor=3",
+        f"tune.name={name}"])
+
+
+def trial_epochs(sweep: Path) -> list[tuple[dict[str, Any], list[float]]]:
+    """Per trial, in the order trials ran: its params and its validation accuracy per epoch."""
+    trials = []
+    for run in (sweep / "runs").iterdir():
+        record = json.loads((run / "trial.json").read_text())
+        rows = [json.loads(line) for line in
+                (sweep / run.name / "result.json").read_text().splitlines()]
+        accs = [r[METRIC] for r in rows if "epochs" not in r]  # evaluation rows, not the final
+        trials.append((record["started"], record["params"], accs))
+    return [(p, a) for _, p, a in sorted(trials, key=lambda t: t[0])]
+
+
+def cost_to_reach(trials: list[tuple[dict, list[float]]], target: float) -> tuple[int, bool]:
+    spent = 0
+    for _, accs in trials:
+        for acc in accs:
+            spent += 1
+            if acc >= target - 1e-9:
+                return spent, True
+    return spent, False
+
+
+def save(res: dict[str, Any]) -> Path:
+    """Write what has been measured so far (an interrupted run keeps its finished parts)."""
+    res = {**res, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    return write_results("search_efficiency", res, markdown(res))
+
+
+def run(seeds: int, out: Path) -> dict[str, Any]:
+    from cluster.session import ensure_ray
+    from cluster.tune import run_sweep, sweep_dir_of
+
+    ensure_ray(None, num_cpus=2)
+    grid_size = len(OPTIMIZERS) * len(LRS)
+    t0 = time.perf_counter()
+    cfg = recipe(out, "grid", "grid", "none", 1)
+    run_sweep(cfg, overwrite=True)
+    grid = trial_epochs(sweep_dir_of(cfg))
+    grid_wall = time.perf_counter() - t0
+    assert len(grid) == grid_size, f"grid ran {len(grid)} of {grid_size} configs"
+    target = max(max(accs) for _, accs in grid)
+    grid_cost = sum(len(accs) for _, accs in grid)
+    best = [p for p, accs in grid if max(accs) >= target - 1e-9]
+    print(f"grid: {grid_size} configs, {grid_cost} trial-epochs, best {METRIC}={target:.3f} "
+          f"({len(best)} config(s) reach it)", flush=True)
+    out_rows: dict[str, list[dict[str, Any]]] = {"asha+random": [], "asha+optuna": []}
+    res = {"grid": {"configs": grid_size, "epochs": EPOCHS, "cost": grid_cost, "target": target,
+                    "best_configs": best, "wall_s": round(grid_wall, 1)},
+           "searchers": out_rows}
+    for seed in range(seeds):
+        for name, search in (("asha+random", "random"), ("asha+optuna", "optuna")):
+            t1 = time.perf_counter()
+            cfg = recipe(out, f"{search}-{seed}", search, "asha", BUDGET * grid_size)
+            run_sweep(cfg, overwrite=True, search_seed=seed)
+            trials = trial_epochs(sweep_dir_of(cfg))
+            cost, reached = cost_to_reach(trials, target)
+            out_rows[name].append({"seed": seed, "cost": cost, "reached": reached,
+                                   "total_epochs": sum(len(a) for _, a in trials),
+                                   "wall_s": round(time.perf_counter() - t1, 1)})
+            print(f"{name} seed {seed}: {cost} trial-epochs to reach {target:.3f} "
+                  f"({'reached' if reached else 'NOT reached'}), spent "
+                  f"{out_rows[name][-1]['total_epochs']} in all", flush=True)
+            save(res)
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    g = res["grid"]
+    rows = [["full grid", f"{g['cost']}", "1.00", "-", f"{g['configs']} x {g['epochs']} epochs"]]
+    for name, runs in res["searchers"].items():
+        if not runs:
+            continue
+        costs = [r["cost"] for r in runs]
+        ratio = [c / g["cost"] for c in costs]
+        reached = sum(r["reached"] for r in runs)
+        rows.append([name, f"{statistics.fmean(costs):.1f} ± {statistics.pstdev(costs):.1f}",
+                     f"{statistics.fmean(ratio):.2f} (max {max(ratio):.2f})",
+                     f"{reached}/{len(runs)}",
+                     "per seed: " + ", ".join(str(c) for c in costs)])
+    return (f"# Search efficiency (tiny-digits, target {METRIC} = {g['target']:.3f}, the best "
+            f"of the full grid)\n\n"
+            + markdown_table(["search", "trial-epochs to reach target", "x grid", "reached",
+                              "notes"], rows)
+            + f"\nGrid: optimizer {{{', '.join(OPTIMIZERS)}}} x lr {{{', '.join(map(str, LRS))}}}"
+            f", {EPOCHS} epochs each; {len(g['best_configs'])} config(s) reach the target. "
+            f"Searchers: {BUDGET * g['configs']} trials each, ASHA grace 1 / factor 3, one "
+            f"trial at a time; cost counted until the target is first reached (the whole spend "
+            f"when it is not). Goal: <= 0.33x grid.\n"
+            + (f"\nNote: {res['note']}.\n" if res.get("note") else ""))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3, help="search seeds per searcher")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with tempfile.TemporaryDirectory(prefix="smallshot-search-") as tmp:
+        res = run(args.seeds, Path(tmp))
+    print(save(res).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Sweep reports on real sweeps: failed trials listed with their error, k-fold scores, best
+export, and the test split read by the final evaluation only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster.report import final_evaluation, summary_text, write_report
+from cluster.tune import run_sweep, sweep_dir_of
+from trainers.config import load_config
+from trainers.errors import DataError
+
+pytestmark = pytest.mark.ray
+
+PER_CLASS = {"train": 20, "test": 10}
+
+
+def make_images(root: Path) -> Path:
+    """8x8 grey images: class 'top' is bright above, 'bottom' below; test holds a bad file."""
+    rng = np.random.default_rng(0)
+    for split, n in PER_CLASS.items():
+        for label, rows in (("top", slice(0, 4)), ("bottom", slice(4, 8))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (8, 8))
+                img[rows] += 150
+                Image.fromarray(img.astype(np.uint8), "L").save(folder / f"{i}.png")
+    (root / "test" / "top" / "bad.png").write_bytes(b"not a png at all")
+    return root / "test" / "top" / "bad.png"
+
+
+def recipe(tmp_path: Path, data_root: Path, *overrides: str):
+    return load_config(None, [
+        "name=shapes", "data.format=image_folder", f"data.root={data_root}", "data.channels=1",
+        "data.mean=[0.5]", "data.std=[0.25]", "model.name=mlp:64", "model.hidden=16",
+        "optim.name=adam", "optim.warmup=0.0", "optim.schedule=constant", "train.epochs=3",
+        "train.batch_size=8", "train.progress=false", f"train.output_dir={tmp_path / 'out'}",
+        "tune.scheduler=none", "tune.max_failures=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    return root, make_images(root)
+
+
+def results(sweep: Path) -> list[list[dict]]:
+    return [[json.loads(line) for line in (p / "result.json").read_text().splitlines()]
+            for p in sweep.iterdir() if (p / "result.json").is_file()]
+
+
+def test_report_lists_failures_exports_best_and_tests_only_at_the_end(tmp_path: Path, data_root,
+                                                                     local_ray, capsys) -> None:
+    root, bad = data_root
+    cfg = recipe(tmp_path, root, "data.shots=6", "data.val_shots=4", "tune.num_samples=2",
+                 "tune.final_seeds=2", "tune.search=random",
+                 "tune.space={data.shots: 'grid[6, 500]', optim.name: 'choice[sgd, adam]', "
+                 "optim.lr: {by: optim.name, sgd: 'loguniform[3e-2, 3e-1]', "
+                 "adam: 'loguniform[3e-3, 3e-2]'}}")
+    outcome = run_sweep(cfg)  # the test split holds an unreadable file: trials never open it
+    assert (outcome.trials, outcome.errors) == (4, 2)
+    sweep = sweep_dir_of(cfg)
+    assert all(not k.startswith("test/") for rows in results(sweep) for r in rows for k in r)
+
+    rep = write_report(sweep, final=False)
+    for r in rep.rows:  # the conditional LR came from its optimizer's branch
+        lo, hi = (3e-2, 3e-1) if r.params["optim.name"] == "sgd" else (3e-3, 3e-2)
+        assert lo <= r.params["optim.lr"] <= hi, r.params
+    assert [r.status for r in rep.rows] == ["TERMINATED", "TERMINATED", "ERROR", "ERROR"]
+    assert all(r.params["data.shots"] == 500 and "data.shots=500" in r.error
+               for r in rep.rows[2:]), [r.error for r in rep.rows]
+    assert all(r.iterations == 4 and r.gpu_hours == 0.0 and r.time_s > 0 for r in rep.rows[:2])
+    assert rep.rows[0].score >= rep.rows[1].score
+    with (sweep / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [row["status"] for row in table] == ["TERMINATED", "TERMINATED", "ERROR", "ERROR"]
+    assert "data.shots=500" in table[3]["error"]
+    md = (sweep / "report.md").read_text()
+    assert "| ERROR |" in md and "data.shots=500" in md and "final test: not run" in md
+
+    best = load_config(sweep / "best" / "config.yaml")  # a ready recipe: test split back on
+    assert best.train.test and best.tune.space == {} and best.data.shots == 6
+    assert best.optim.lr == pytest.approx(rep.rows[0].params["optim.lr"])
+    state = torch.load(sweep / "best" / "model.pt", weights_only=True)
+    assert any(v.shape[-1] == 64 for v in state.values())
+
+    with pytest.raises(DataError, match="bad.png"):  # the test split is read here, only here
+        final_evaluation(rep, seeds=1)
+    bad.unlink()
+    rep = write_report(sweep, final=True)
+    acc = rep.final["test"]["test/accuracy"]
+    per_seed = [m["test/accuracy"] for m in rep.final["per_seed"]]
+    assert len(per_seed) == 2 and acc["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert acc["std"] == pytest.approx(statistics.pstdev(per_seed))
+    assert "test/accuracy" in (sweep / "report.md").read_text()
+    text = summary_text(rep, top=2)
+    assert "| 1 | " in text and "| 3 | " not in text and "test/accuracy" in text and "±" in text
+
+    import launch
+
+    capsys.readouterr()
+    assert launch.main(["report", str(sweep), "--top", "3"]) == 0  # cached final: no training
+    printed = capsys.readouterr().out
+    assert "| 3 | " in printed and "final evaluation:" not in printed
+
+
+def test_kfold_trials_report_the_fold_mean_and_std(tmp_path: Path, data_root, local_ray) -> None:
+    root, _ = data_root
+    cfg = recipe(tmp_path, root, "data.shots=6", "data.folds=3", "data.val_shots=0",
+                 "tune.num_samples=1", "tune.space={optim.lr: 'grid[1e-2, 5e-2]'}",
+                 "train.save_checkpoints=false")
+    outcome = run_sweep(cfg)
+    assert (outcome.trials, outcome.errors) == (2, 0)
+    sweep = sweep_dir_of(cfg)
+    for rows in results(sweep):
+        assert [r["fold"] for r in rows] == [1, 2, 3]  # one report per fold: ASHA's iterations
+        folds = [r["val/accuracy_fold"] for r in rows]
+        assert rows[-1]["val/accuracy"] == pytest.approx(statistics.fmean(folds))
+        assert rows[-1]["val/accuracy_std"] == pytest.approx(statistics.pstdev(folds))
+    for trial in (sweep / "runs").iterdir():
+        assert sorted(p.name for p in trial.iterdir() if p.is_dir()) == ["fold-0", "fold-1",
+                                                                          "fold-2"]
+    rep = write_report(sweep, final=False)
+    assert all(r.iterations == 3 and r.std is not None for r in rep.rows)
+    assert " ± " in (sweep / "report.md").read_text()
+    assert not (sweep / "best" / "model.pt").exists()  # k models, no single checkpoint

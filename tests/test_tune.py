@@ -1,0 +1,268 @@
+"""Tune sweeps: search-space validation, a real ASHA sweep on local Ray, kill + resume."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.tune import (Conditional, Dist, parse_space, prepare_sweep_dir, run_sweep,
+                          sweep_dir_of)
+from tests.conftest import CONFIGS, ROOT
+from trainers.config import load_config
+from trainers.errors import ConfigError
+
+TINY = CONFIGS / "tiny-digits.yaml"
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return load_config(TINY, [f"train.output_dir={tmp_path}", *overrides])
+
+
+def space_of(tmp_path: Path, space: str, *extra: str):
+    """A tiny-digits config whose tune.space is the YAML flow mapping ``space``."""
+    return tiny(tmp_path, f"tune.space={space}", *extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Search spaces (no Ray)
+
+
+def test_space_parses_every_distribution_kind(tmp_path: Path) -> None:
+    cfg = space_of(tmp_path, "{optim.name: 'choice[sgd, momentum, adam, adamw]', "
+                   "optim.lr: 'loguniform[1e-5, 1e-1]', optim.weight_decay: 'uniform[0, 0.1]', "
+                   "model.hidden: 'randint[8, 64]', data.shots: 'grid[8, 16]', "
+                   "optim.momentum: 'quniform[0.5, 0.95, 0.05]', train.batch_size: "
+                   "'lograndint[8, 64]', optim.eps: 'qloguniform[1e-9, 1e-6, 1e-9]'}")
+    space = parse_space(cfg)
+    assert space.dims["optim.lr"] == Dist("loguniform", (1e-5, 1e-1))  # '1e-5' read as a number
+    assert space.dims["data.shots"].kind == "grid" and space.grid_size() == 2
+    assert space.grid_size(grid=True) == 8  # choice enumerated too under search=grid
+    hidden = space.dims["model.hidden"].to_tune()
+    assert {hidden.sample() for _ in range(400)} == set(range(8, 65))  # both ends included
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("{optim.lrr: 'loguniform[1e-5, 1e-1]'}", "optim.lrr: unknown key"),
+    ("{optimizer.lr: 'uniform[0, 1]'}", "optimizer: unknown key"),
+    ("{optim.lr: 'lognormal[1e-5, 1e-1]'}",
+     "tune.space.optim.lr: unknown distribution 'lognormal'"),
+    ("{optim.lr: 'loguniform[0, 1e-1]'}",
+     "tune.space.optim.lr: 'loguniform[0, 1e-1]': lower bound 0 must be > 0"),
+    ("{optim.lr: 'loguniform[1e-1, 1e-5]'}",
+     "tune.space.optim.lr: 'loguniform[1e-1, 1e-5]': lower bound"),
+    ("{optim.lr: 'uniform[0.1]'}", "tune.space.optim.lr: uniform takes 2 argument(s)"),
+    ("{optim.lr: 'uniform[0, 20]'}",
+     "tune.space.optim.lr: value 20 of uniform[0, 20] is not allowed: optim.lr: 20.0 is out"),
+    ("{optim.name: 'choice[sgd, adamx]'}",
+     "tune.space.optim.name: value 'adamx' of choice[sgd, adamx]"),
+    ("{model.hidden: 'uniform[8, 64]'}",
+     "tune.space.model.hidden: value 28.72 of uniform[8, 64] is not allowed: model.hidden"),
+    ("{optim.schedule: 'choice[linear, cosyne]'}", "tune.space.optim.schedule: value 'cosyne'"),
+    ("{optim.lr: 0.1}", "tune.space.optim.lr: expected a distribution"),
+    ("{optim.lr: 'choice[0.1, 0.1]'}", "listed twice"),
+    ("{scaling.num_workers: 'choice[1, 2]'}", "tune.space.scaling.num_workers: this field cannot"),
+    ("{data.fold: 'choice[0, 1]'}", "tune.space.data.fold: this field cannot be searched"),
+])
+def test_invalid_spaces_name_the_field(tmp_path: Path, space: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_space(space_of(tmp_path, space))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_unknown_optimizer_choice_says_which_are_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown optimizer .*allowed: .*adamw"):
+        parse_space(space_of(tmp_path, "{optim.name: 'choice[sgd, adamx]'}"))
+
+
+COND = ("{optim.name: 'choice[sgd, adam]', optim.lr: {by: optim.name, "
+        "sgd: 'loguniform[1e-3, 1e-1]', adam: 'loguniform[1e-5, 1e-3]'}}")
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("{optim.lr: {by: optim.name, sgd: 'loguniform[1e-3, 1e-1]'}}", "by='optim.name' must name"),
+    ("{optim.name: 'choice[sgd, adam]', optim.lr: {by: optim.name, "
+     "sgd: 'loguniform[1e-3, 1e-1]'}}", "no branch for optim.name='adam'"),
+    ("{optim.name: 'choice[sgd, adam]', optim.lr: {by: optim.name, "
+     "adamw: 'loguniform[1e-3, 1e-1]', default: 'loguniform[1e-4, 1e-2]'}}",
+     "tune.space.optim.lr.adamw: 'adamw' is not a value of optim.name"),
+    ("{optim.name: 'choice[sgd, adam]', optim.lr: {by: optim.name, "
+     "sgd: 'loguniform[1e-3, 50]', default: 'loguniform[1e-4, 1e-2]'}}",
+     "tune.space.optim.lr.sgd: value 50 of loguniform[0.001, 50] is not allowed"),
+    ("{optim.name: 'uniform[0, 1]', optim.lr: {by: optim.name, default: 'uniform[0, 1]'}}",
+     "tune.space.optim.name: value 0 of uniform[0, 1] is not allowed: unknown optimizer"),
+])
+def test_invalid_conditional_spaces(tmp_path: Path, space: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_space(space_of(tmp_path, space))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_conditional_space_for_random_and_optuna(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    space = parse_space(space_of(tmp_path, COND))
+    cond = space.dims["optim.lr"]
+    assert isinstance(cond, Conditional) and space.conditional
+    ranges = {"sgd": (1e-3, 1e-1), "adam": (1e-5, 1e-3)}
+    for name in ("sgd", "adam"):  # what tune.sample_from calls once optim.name is drawn
+        lo, hi = ranges[name]
+        assert all(lo <= cond({"optim.name": name}) <= hi for _ in range(50))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        values = space(trial)  # define-by-run: each branch its own Optuna parameter
+        name = values["optim.name"]
+        lo, hi = ranges[name]
+        assert lo <= values["optim.lr"] <= hi
+        assert f"optim.lr@{name}" in trial.params
+        seen.add(name)
+        study.tell(trial, 0.5)
+    assert seen == {"sgd", "adam"}
+
+
+def test_sweep_rules_checked_before_ray(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tune.metric='test/accuracy'.*final evaluation"):
+        run_sweep(space_of(tmp_path, COND, "tune.metric=test/accuracy"))
+    with pytest.raises(ConfigError, match="needs validation data"):
+        run_sweep(space_of(tmp_path, COND, "data.val_shots=0"))
+    with pytest.raises(ConfigError, match="tune.space: empty"):
+        run_sweep(tiny(tmp_path))
+    with pytest.raises(ConfigError, match="tune.scheduler='pbt'"):
+        run_sweep(space_of(tmp_path, COND, "tune.scheduler=pbt"))
+
+
+def test_invalid_space_fails_before_any_trial_or_folder(tmp_path: Path, capsys) -> None:
+    """Through the CLI: one line naming the field, exit 2, no sweep folder, Ray not started."""
+    import ray
+
+    import launch
+
+    assert not ray.is_initialized()
+    code = launch.main(["tune", str(TINY), f"train.output_dir={tmp_path}",
+                        "tune.space={optim.lr: 'loguniform[1e-5, 1e-1]', "
+                        "optim.nam: 'choice[sgd]'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "optim.nam: unknown key" in err and "did you mean 'name'" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Kill and resume (its own Ray, in subprocesses)
+
+
+def tune_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "launch.py", "tune", str(TINY), f"train.output_dir={out}",
+            "tune.space={optim.lr: 'loguniform[1e-3, 1e-2]'}", "tune.num_samples=3",
+            "tune.scheduler=none", "tune.max_concurrent=1", "train.epochs=3",
+            "train.save_checkpoints=false", "--no-report", *extra]
+
+
+def trial_states(sweep: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's newest experiment state (what a resume starts from)."""
+    files = sorted(glob.glob(str(sweep / "experiment_state-*.json")))
+    if not files:
+        return {}
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except (json.JSONDecodeError, OSError):  # being rewritten
+        return {}
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    sweep = tmp_path / "sweeps" / "tiny-digits"
+    proc = subprocess.Popen(tune_cmd(tmp_path), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "TERMINATED" in trial_states(sweep).values():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert "TERMINATED" in trial_states(sweep).values(), "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
+        proc.wait()
+    before = trial_states(sweep)
+    finished = {t for t, s in before.items() if s == "TERMINATED"}
+    assert len(finished) < 3, before
+    started = {t: json.loads((sweep / "runs" / t / "trial.json").read_text())["started"]
+               for t in finished}
+    reports = {t: (sweep / t / "result.json").read_text() for t in finished}
+
+    recipe = tune_cmd(tmp_path)[3:-1]
+    with pytest.raises(ConfigError, match="already exists: pass --resume"):
+        prepare_sweep_dir(load_config(recipe[0], recipe[1:]), resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="differs from the sweep .* in train.epochs"):
+        prepare_sweep_dir(load_config(recipe[0], [*recipe[1:], "train.epochs=4"]), resume=True,
+                          overwrite=False)
+
+    resumed = subprocess.run(tune_cmd(tmp_path, "--resume"), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    after = trial_states(sweep)
+    assert len(after) == 3 and set(after.values()) == {"TERMINATED"}, after
+    for t in finished:  # not rerun: same start, same reports
+        record = json.loads((sweep / "runs" / t / "trial.json").read_text())
+        assert record["started"] == started[t]
+        assert (sweep / t / "result.json").read_text() == reports[t]
+    for t in after:  # every trial has its full results: 3 epochs + the final row
+        rows = (sweep / t / "result.json").read_text().splitlines()
+        assert json.loads(rows[-1])["training_iteration"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# A real sweep on local Ray
+
+
+@pytest.mark.ray
+def test_asha_sweep_of_eight_trials_stops_bad_ones_and_never_reads_test(tmp_path: Path,
+                                                                        local_ray) -> None:
+    cfg = tiny(tmp_path, "tune.space={optim.name: 'choice[sgd, adam]', optim.lr: {by: optim.name,"
+               " sgd: 'loguniform[1e-4, 1]', default: 'loguniform[1e-6, 1e-1]'}}",
+               "tune.search=optuna", "tune.num_samples=8", "tune.scheduler=asha",
+               "tune.grace_period=1", "tune.reduction_factor=3", "train.epochs=4",
+               "train.save_checkpoints=false", "tune.name=asha")
+    outcome = run_sweep(cfg)
+    assert outcome.trials == 8 and outcome.errors == 0
+    assert "resource plan: 2 trial(s) at once" in outcome.plan_table
+    sweep = sweep_dir_of(cfg)
+    assert sweep == tmp_path / "sweeps" / "asha"
+    iterations = {}
+    for trial in (p for p in sweep.iterdir() if (p / "result.json").is_file()):
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert not [k for r in rows for k in r if k.startswith("test/")]  # selection saw no test
+        iterations[trial.name] = rows[-1]["training_iteration"]
+        run_cfg = load_config(sweep / "runs" / trial.name / "config.yaml", check_paths=False)
+        assert run_cfg.train.test is False and run_cfg.train.monitor == "val/accuracy"
+        lo, hi = (1e-4, 1) if run_cfg.optim.name == "sgd" else (1e-6, 1e-1)
+        assert lo <= run_cfg.optim.lr <= hi
+    assert len(iterations) == 8
+    assert max(iterations.values()) == 5  # 4 epochs + the final row
+    assert min(iterations.values()) < 5, f"ASHA stopped nothing: {iterations}"
+
+    from cluster.report import write_report
+
+    rep = write_report(sweep, final=False)
+    assert len(rep.rows) == 8 and rep.rows[0].score is not None
+    assert any(r.iterations < 5 for r in rep.rows)
+    assert (sweep / "leaderboard.csv").read_text().count("\n") == 9
+    assert {p.name for p in rep.plots} == {"metric_vs_optim_lr.png", "learning_curves.png",
+                                           "rung_survival.png"}
+    assert math.isclose(rep.rows[0].score, max(r.score for r in rep.rows if r.score is not None))
