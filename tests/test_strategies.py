@@ -1,0 +1,137 @@
+"""Fine-tuning strategies: full, lp-ft (linear probe then fine-tune), contrastive (SetFit-style)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import CONFIGS, need_shared
+from trainers.config import load_config
+from trainers.data import load_dataset
+from trainers.errors import ConfigError
+from trainers.loop import Batcher, fit
+from trainers.models import create_model
+from trainers.strategies import (STRATEGIES, contrastive_stage, create_strategy,
+                                 fit_linear_probe, head_inputs, head_module, make_pairs,
+                                 pair_loss)
+
+CPU = torch.device("cpu")
+
+
+def digits(tmp_path, *extra):
+    return load_config(CONFIGS / "tiny-digits.yaml",
+                       [f"train.output_dir={tmp_path}", "train.progress=false",
+                        "train.save_checkpoints=false", *extra])
+
+
+def text(tmp_path, *extra):
+    root = need_shared("data", "text", "sst2")
+    return load_config(CONFIGS / "fewshot-minilm.yaml",
+                       [f"data.root={root}", "data.shots=4", "data.max_length=16",
+                        "data.max_test=16", "train.epochs=1", "train.batch_size=8",
+                        f"train.output_dir={tmp_path}", *extra])
+
+
+def train_accuracy(built, batcher, split) -> float:
+    built.module.eval()
+    with torch.no_grad():
+        logits = built.module(**batcher.inputs(split, list(range(len(split)))))
+    built.module.train()
+    return float((logits.argmax(-1) == split.labels).float().mean())
+
+
+def test_unknown_strategy_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.strategy='probe-ft': unknown"):
+        digits(tmp_path, "model.strategy=probe-ft")
+    with pytest.raises(ConfigError, match="allowed: full, lp-ft, contrastive"):
+        create_strategy("nope")
+    assert {"full", "lp-ft", "contrastive"} <= set(STRATEGIES)
+
+
+def test_make_pairs_are_balanced_correct_and_seeded():
+    labels = [0, 0, 0, 1, 1, 1, 2, 2]
+    pairs = make_pairs(labels, iterations=3, seed=5)
+    assert len(pairs) == 2 * 3 * len(labels)
+    assert sum(t for *_, t in pairs) == 3 * len(labels)  # half positive
+    for i, j, t in pairs:
+        assert (labels[i] == labels[j]) == (t == 1.0) and (t == 0.0 or i != j)
+    assert pairs == make_pairs(labels, 3, 5) and pairs != make_pairs(labels, 3, 6)
+
+
+def test_linear_probe_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)) + np.repeat(np.eye(3, 5) * 2, 10, axis=0)
+    y = np.repeat(np.arange(3), 10)
+    w, b = fit_linear_probe(torch.tensor(x, dtype=torch.float32), torch.tensor(y), 3, c=1.0)
+    ours = torch.softmax(torch.tensor(x, dtype=torch.float32) @ w.T + b, -1).numpy()
+    ref = LogisticRegression(C=1.0, max_iter=2000, tol=1e-10).fit(x, y).predict_proba(x)
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def test_lp_ft_probe_fits_the_training_set_and_fit_runs(tmp_path):
+    cfg = digits(tmp_path, "model.strategy=lp-ft", "train.epochs=1")
+    data = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    batcher = Batcher(cfg, built, CPU)
+    random_head = train_accuracy(built, batcher, data.train)
+    before = head_inputs(built, batcher, data.train, 64).clone()
+    create_strategy("lp-ft")(cfg, built, data.train, CPU)
+    probed = train_accuracy(built, batcher, data.train)
+    assert probed >= random_head and probed > 0.9
+    # the probe touched the head only
+    assert torch.equal(head_inputs(built, batcher, data.train, 64), before)
+    result = fit(cfg)
+    assert result.metrics["test/accuracy"] > 0.5 and result.steps >= 1
+
+
+def test_contrastive_stage_lowers_the_pair_loss_on_digits(tmp_path):
+    cfg = digits(tmp_path, "model.strategy=contrastive", "model.contrastive_lr=3e-3",
+                 "model.contrastive_iterations=10")
+    data = load_dataset(cfg.data, with_test=False)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    head_before = head_module(built).weight.detach().clone()
+    before = pair_loss(cfg, built, data.train, CPU)
+    losses, feats = contrastive_stage(cfg, built, data.train, CPU)
+    after = pair_loss(cfg, built, data.train, CPU)
+    assert after < 0.8 * before, (before, after)
+    assert len(losses) == -(-2 * 10 * len(data.train) // cfg.train.batch_size)
+    assert feats.shape == (len(data.train), cfg.model.hidden)
+    assert torch.equal(head_module(built).weight, head_before)  # the stage leaves the head be
+
+
+def test_contrastive_runs_under_the_ddp_engine(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        result = fit(digits(tmp_path, "model.strategy=contrastive", "train.engine=ddp",
+                            "train.epochs=1", "model.contrastive_iterations=2"))
+    finally:
+        dist.destroy_process_group()
+    assert result.metrics["test/accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("strategy", ["full", "lp-ft", "contrastive"])
+def test_each_strategy_fits_a_tiny_text_set(tmp_path, strategy):
+    cfg = text(tmp_path, f"model.strategy={strategy}", "model.contrastive_iterations=2")
+    result = fit(cfg)
+    assert result.steps == 1 and 0.0 <= result.metrics["test/accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_text_probe_and_contrastive_stage(tmp_path):
+    cfg = text(tmp_path, "model.contrastive_iterations=2", "model.contrastive_lr=2e-4")
+    data = load_dataset(cfg.data, with_test=False)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    batcher = Batcher(cfg, built, CPU)
+    random_head = train_accuracy(built, batcher, data.train)
+    before = pair_loss(cfg, built, data.train, CPU)
+    create_strategy("contrastive")(cfg, built, data.train, CPU)
+    assert pair_loss(cfg, built, data.train, CPU) < before
+    assert train_accuracy(built, batcher, data.train) >= max(random_head, 0.75)
