@@ -227,7 +227,7 @@ def run_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides, check_paths=False)
     recipe = _recipe_in_project(Path(args.recipe))
     env_vars = _parse_env(args.env)
-    entrypoint = shlex.join(["python", "launch.py", args.mode, recipe, *args.overrides])
+    entrypoint = job_entrypoint(args.mode, recipe, args.overrides)
     runtime_env: dict[str, Any] = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
     if args.pip:
         runtime_env["pip"] = _requirements()
@@ -254,6 +254,11 @@ def run_submit(args: argparse.Namespace) -> int:
         return 0
     status = _follow(client, url, job_id)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def job_entrypoint(mode: str, recipe: str, overrides: list[str]) -> str:
+    """The job's command line. Ray runs it through a shell, so every word is quoted."""
+    return shlex.join(["python", "launch.py", mode, recipe, *overrides])
 
 
 def _recipe_in_project(recipe: Path) -> str:

@@ -27,6 +27,8 @@ def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, flo
             else:
                 local_kwargs.setdefault("dashboard_host", os.environ.get(
                     "SMALLSHOT_DASHBOARD_HOST", LOCAL_DASHBOARD_HOST))
+                # Ray 2.60 itself generates a token and turns token authentication on here
+                # (RAY_AUTH_MODE=disabled opts out); tests/reliability checks that it stays so
                 # the dashboard serves the State API that Ray Train's placement-group cleaner uses
                 local_kwargs.setdefault("include_dashboard", True)
                 ray.init(address="local", **local_kwargs)
