@@ -103,8 +103,10 @@ def _error_message(trial: Any) -> str:
         return "error (no error file)"
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     # the exception line is the last of the traceback; Ray wraps it as "...Error(Type): msg"
-    msg = lines[-1] if lines else "error"
-    return msg[:300]
+    msg = (lines[-1] if lines else "error")[:300]
+    if trial.status != "ERROR":  # Tune keeps the error file of a failure a retry got past
+        return f"retried after {trial.num_failures} failure(s), last: {msg}"
+    return msg
 
 
 def _score(history: list[dict[str, Any]], metric: str, mode: str,
@@ -142,7 +144,9 @@ def collect_trials(sweep_dir: Path, cfg: RunConfig) -> list[TrialRow]:
                              int(last.get("training_iteration", 0)), time_s,
                              gpus * time_s / 3600.0, _error_message(trial), history))
     sign = -1.0 if t.mode == "max" else 1.0
-    rows.sort(key=lambda r: (r.score is None, sign * (r.score or 0.0), r.trial_id))
+    # a failed trial may carry a score from the evaluations before its failure: still last
+    rows.sort(key=lambda r: (r.status == "ERROR", r.score is None, sign * (r.score or 0.0),
+                             r.trial_id))
     return rows
 
 

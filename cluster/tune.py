@@ -209,6 +209,7 @@ class Conditional:
 
 
 _DIST_RE = re.compile(r"^\s*([A-Za-z_]+)\s*\[(.*)\]\s*$", re.S)
+_EXPONENT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def parse_dist(text: Any, where: str) -> Dist:
@@ -235,6 +236,9 @@ def parse_dist(text: Any, where: str) -> Dist:
         raise ConfigError(f"{where}: cannot read the arguments of {text!r}") from None
     if not spec.categorical:
         args = [_as_number(a) for a in args]
+    else:  # grid[1e-3, 1e-2] means numbers, though YAML 1.1 reads exponents without a dot as text
+        args = [_as_number(a) if isinstance(a, str) and _EXPONENT_RE.match(a) else a
+                for a in args]
     lo, hi = spec.arity
     if not lo <= len(args) <= hi:
         want = f"{lo}" if lo == hi else f"at least {lo}"
