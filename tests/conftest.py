@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -27,6 +29,30 @@ def need_shared(*parts: str) -> Path:
 def tiny_overrides(tmp_path: Path) -> list[str]:
     """Overrides that keep a tiny-digits run fast and inside a temporary folder."""
     return [f"train.output_dir={tmp_path}", "train.progress=false"]
+
+
+@contextlib.contextmanager
+def simulated_cluster(head: dict[str, Any], nodes: list[dict[str, Any]]) -> Iterator[tuple[Any, list[Any]]]:
+    """A multi-node Ray on this machine (``ray.cluster_utils.Cluster``), connected and torn down.
+
+    ``head`` and each of ``nodes`` are node arguments (num_cpus, num_gpus: GPUs are only
+    advertised, gloo does the work). Yields the cluster and the added nodes' handles.
+    """
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        added = [cluster.add_node(**n) for n in nodes]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

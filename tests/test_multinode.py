@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS
+from conftest import CONFIGS, simulated_cluster
 from trainers.config import RunConfig, load_config
 from trainers.errors import ClusterError
 
@@ -20,23 +19,10 @@ NODES, CPUS, GPUS = 3, 2, 2  # per node; the GPUs are only advertised (gloo does
 
 @pytest.fixture(scope="module")
 def fake_cluster():
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": CPUS, "num_gpus": GPUS, "include_dashboard": False})
-    try:
-        for _ in range(NODES - 1):
-            cluster.add_node(num_cpus=CPUS, num_gpus=GPUS)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    node = {"num_cpus": CPUS, "num_gpus": GPUS}
+    with simulated_cluster({**node, "include_dashboard": False},
+                           [node] * (NODES - 1)) as (cluster, _):
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def digits(out: Path, *extra: str) -> RunConfig:

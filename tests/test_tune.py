@@ -16,7 +16,7 @@ import pytest
 
 from cluster.tune import (Conditional, Dist, parse_space, prepare_sweep_dir, run_sweep,
                           sweep_dir_of)
-from tests.conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT
 from trainers.config import load_config
 from trainers.errors import ConfigError
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS
+from conftest import CONFIGS, simulated_cluster
 from trainers.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]
@@ -23,21 +22,9 @@ SWEEP_TIMEOUT_S = 300  # a deadlocked sweep (drivers holding what workers need) 
 def gpu_cluster():
     """A head plus two nodes of 3 CPUs and 2 fake GPUs: 2 CPUs for a trial's two workers and
     1 for drivers, which Ray may place on GPU nodes too."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    gpu_nodes = [cluster.add_node(num_cpus=3, num_gpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    try:
-        yield cluster, {n.node_id for n in gpu_nodes}, cluster.head_node.node_id
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    gpu_node = {"num_cpus": 3, "num_gpus": 2}
+    with simulated_cluster({"num_cpus": 2, "num_gpus": 0}, [gpu_node] * 2) as (cluster, nodes):
+        yield cluster, {n.node_id for n in nodes}, cluster.head_node.node_id
 
 
 def overlap(spans: list[tuple[float, float]]) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, simulated_cluster
 from test_distributed import registered_checkpoints, rows
 from test_tune import trial_states
 from trainers.config import RunConfig, load_config
@@ -82,22 +82,9 @@ class ClusterHandle:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
-    try:
+    head = {"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS}
+    with simulated_cluster(head, [{"num_cpus": 1}] * 2) as (c, nodes):
         yield ClusterHandle(c, {n.node_id: n for n in nodes})
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def run_in_thread(fn: Callable[[], Any], timeout_s: float) -> Any:
@@ -225,8 +212,12 @@ def test_sigkilled_sweep_driver_resumes_with_finished_trials_byte_identical(
     changed = {t: sorted(k for k in set(files) | set(now[t]) if files.get(k) != now[t].get(k))
                for t, files in digests.items()}
     lost = sum(1 for c in changed.values() if c)
+    from ray.tune import ExperimentAnalysis
+
+    # a trial restarted by the resume may get a fresh folder (Tune adds a suffix): ask Tune
+    paths = {tr.trial_id: Path(tr.path) for tr in ExperimentAnalysis(str(sweep)).trials}
     for t in after:  # every trial holds its full results and its final weights
-        results = (sweep / t / "result.json").read_text().splitlines()
+        results = (paths[t] / "result.json").read_text().splitlines()
         assert json.loads(results[-1])["training_iteration"] == 5  # 4 epochs + the final row
         assert (sweep / "runs" / t / "checkpoints" / "final" / "model.pt").is_file()
     files = sum(len(d) for d in digests.values())
