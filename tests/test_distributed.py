@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -111,23 +111,29 @@ def kill_rank_after_first_checkpoint(storage: Path, workers: Path, rank: int,
         time.sleep(0.02)
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(local_ray, tmp_path: Path) -> None:
+def train_while_killing(cfg, killer: Callable[..., None], *args: Any) -> tuple[Any, dict]:
+    """Run ``train_distributed(cfg)`` while ``killer(*args, killed, stop)`` hunts a worker."""
     from cluster.train import train_distributed
 
-    epochs = 30  # long enough that the kill lands mid-run
-    cfg = digits(tmp_path, "scaling.num_workers=2", "train.batch_size=16", f"train.epochs={epochs}",
-                 "scaling.max_failures=2", "train.run_name=killed")
-    storage = tmp_path / "ray" / "killed"
     killed: dict[str, Any] = {}
     stop = threading.Event()
-    killer = threading.Thread(target=kill_rank_after_first_checkpoint,
-                              args=(storage, cfg.run_dir / "workers", 1, killed, stop), daemon=True)
-    killer.start()
+    thread = threading.Thread(target=killer, args=(*args, killed, stop), daemon=True)
+    thread.start()
     try:
         result = train_distributed(cfg)
     finally:
         stop.set()
-        killer.join()
+        thread.join()
+    return result, killed
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(local_ray, tmp_path: Path) -> None:
+    epochs = 30  # long enough that the kill lands mid-run
+    cfg = digits(tmp_path, "scaling.num_workers=2", "train.batch_size=16", f"train.epochs={epochs}",
+                 "scaling.max_failures=2", "train.run_name=killed")
+    storage = tmp_path / "ray" / "killed"
+    result, killed = train_while_killing(
+        cfg, kill_rank_after_first_checkpoint, storage, cfg.run_dir / "workers", 1)
     assert killed, "the run finished before a checkpoint appeared"
     after = json.loads((cfg.run_dir / "workers" / "rank-1.json").read_text())
     assert after["pid"] != killed["pid"]  # a new worker group took over

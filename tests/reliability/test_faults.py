@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import CONFIGS, ROOT, simulated_cluster
-from test_distributed import registered_checkpoints, rows
+from test_distributed import registered_checkpoints, rows, train_while_killing
 from test_tune import trial_states
 from trainers.config import RunConfig, load_config
 
@@ -306,16 +306,8 @@ def test_worker_killed_mid_epoch_matches_an_undisturbed_run(cluster: ClusterHand
               "train.epochs=6", "train.eval_every=5", "scaling.max_failures=1")
     steady = train_distributed(tiny(tmp_path, *common, "train.run_name=steady"))
     cfg = tiny(tmp_path, *common, "train.run_name=killed")
-    killed: dict[str, Any] = {}
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_rank_mid_epoch, daemon=True, args=(
-        tmp_path / "ray" / "killed", cfg.run_dir, 0, 30, killed, stop))
-    killer.start()
-    try:
-        result = train_distributed(cfg)
-    finally:
-        stop.set()
-        killer.join()
+    result, killed = train_while_killing(cfg, kill_rank_mid_epoch, tmp_path / "ray" / "killed",
+                                         cfg.run_dir, 0, 30)
     assert killed, "no mid-epoch moment with 2 stored checkpoints was caught"
     history = rows(cfg.run_dir)
     restarts = [i for i in range(1, len(history))
