@@ -100,3 +100,15 @@ def test_frozen_backbone_only_moves_head(tmp_path):
     after = torch.load(result.best_checkpoint / "model.pt", weights_only=True)
     assert torch.equal(before["body.1.weight"], after["body.1.weight"])
     assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_resuming_from_the_final_checkpoint_trains_nothing(tmp_path):
+    from trainers.loop import Hooks
+
+    first = fit(tiny(tmp_path, "train.epochs=2"))
+    import shutil
+
+    final = shutil.copytree(first.run_dir / "checkpoints" / "final", tmp_path / "handed-over")
+    again = fit(tiny(tmp_path, "train.epochs=2"), Hooks(resume_from=final))
+    assert again.steps == first.steps and again.history == first.history
+    assert again.metrics["test/accuracy"] == pytest.approx(first.metrics["test/accuracy"])

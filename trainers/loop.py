@@ -332,12 +332,13 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
                 "history": []}
     resume_dir = resume_source(cfg, hooks)
-    if resume_dir is not None and (Path(resume_dir) / "result.json").is_file():
-        engine.load_model_state(torch.load(Path(resume_dir) / "model.pt", map_location="cpu",
-                                           weights_only=True))  # a finished run
-    elif resume_dir is not None:
-        engine.load(Path(resume_dir))
-        progress = json.loads((Path(resume_dir) / "progress.json").read_text())
+    if resume_dir is not None:
+        if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
+            engine.load_model_state(torch.load(resume_dir / "model.pt", map_location="cpu",
+                                               weights_only=True))
+        else:
+            engine.load(resume_dir)
+        progress = json.loads((resume_dir / "progress.json").read_text())
         print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
                f"{progress['global_step']})")
     history: list[dict[str, Any]] = progress["history"]
