@@ -202,10 +202,22 @@ class Conditional:
             raise ConfigError(f"conditional on {self.by}: no branch for {value!r}")
         return "default", self.default
 
-    def __call__(self, config: dict[str, Any]) -> Any:
-        """``tune.sample_from``: draw from the branch of the already drawn ``by`` value."""
+    def sample(self, config: dict[str, Any], rng: Any = None) -> Any:
+        """Draw from the branch of the already drawn ``by`` value."""
         _, dist = self.branch(config[self.by])
-        return dist.to_tune().sample()
+        return dist.to_tune().sample(random_state=rng)
+
+
+@dataclass
+class SeededConditional:
+    """``tune.sample_from`` callable with its own seeded generator: Ray hands sample_from
+    functions no random state, so without one a seeded sweep would not repeat itself."""
+
+    dim: Conditional
+    rng: Any
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        return self.dim.sample(config, self.rng)
 
 
 _DIST_RE = re.compile(r"^\s*([A-Za-z_]+)\s*\[(.*)\]\s*$", re.S)
@@ -279,13 +291,15 @@ class SearchSpace:
     def conditional(self) -> bool:
         return any(isinstance(d, Conditional) for d in self.dims.values())
 
-    def param_space(self, grid: bool = False) -> dict[str, Any]:
+    def param_space(self, grid: bool = False, seed: int = 0) -> dict[str, Any]:
         """Tune's param_space for random/grid search (``grid`` enumerates choices)."""
+        import numpy as np
+
         tune = _tune()
         out: dict[str, Any] = {}
-        for name, dim in self.dims.items():
-            out[name] = tune.sample_from(dim) if isinstance(dim, Conditional) else \
-                dim.to_tune(grid=grid)
+        for i, (name, dim) in enumerate(self.dims.items()):
+            out[name] = (tune.sample_from(SeededConditional(dim, np.random.default_rng(seed + i)))
+                         if isinstance(dim, Conditional) else dim.to_tune(grid=grid))
         return out
 
     def grid_size(self, grid: bool = False) -> int:
@@ -457,14 +471,14 @@ def _random(cfg: RunConfig, space: SearchSpace, concurrent: int, seed: int) -> t
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return (BasicVariantGenerator(max_concurrent=concurrent, random_state=seed),
-            space.param_space())
+            space.param_space(seed=seed))
 
 
 def _grid(cfg: RunConfig, space: SearchSpace, concurrent: int, seed: int) -> tuple[Any, dict]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return (BasicVariantGenerator(max_concurrent=concurrent, random_state=seed),
-            space.param_space(grid=True))
+            space.param_space(grid=True, seed=seed))
 
 
 def _optuna(cfg: RunConfig, space: SearchSpace, concurrent: int, seed: int) -> tuple[Any, dict]:

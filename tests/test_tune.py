@@ -114,7 +114,11 @@ def test_conditional_space_for_random_and_optuna(tmp_path: Path) -> None:
     ranges = {"sgd": (1e-3, 1e-1), "adam": (1e-5, 1e-3)}
     for name in ("sgd", "adam"):  # what tune.sample_from calls once optim.name is drawn
         lo, hi = ranges[name]
-        assert all(lo <= cond({"optim.name": name}) <= hi for _ in range(50))
+        assert all(lo <= cond.sample({"optim.name": name}) <= hi for _ in range(50))
+    # a seeded space repeats its conditional draws; another seed draws others
+    samplers = [space.param_space(seed=s)["optim.lr"].func for s in (3, 3, 4)]
+    draws = [[f({"optim.name": "sgd"}) for _ in range(3)] for f in samplers]
+    assert draws[0] == draws[1] != draws[2] and len(set(draws[0])) == 3
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(20):
