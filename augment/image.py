@@ -261,13 +261,20 @@ def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(targets.long(), num_classes).float()
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: float,
-          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend each sample with a partner from the same batch: lam*x + (1-lam)*x[perm]."""
+def _partners(x: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Soft targets, a Beta(alpha, alpha) weight and a partner permutation for batch mixing."""
     check_batch(x)
     y = soft_targets(targets, num_classes)
     lam = _beta(alpha, generator)
     perm = torch.randperm(x.shape[0], generator=generator, device=generator.device)
+    return y, lam, perm
+
+
+def mixup(x: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: float,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each sample with a partner from the same batch: lam*x + (1-lam)*x[perm]."""
+    y, lam, perm = _partners(x, targets, num_classes, alpha, generator)
     perm = perm.to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm.to(y.device)]
 
@@ -275,10 +282,7 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: float
 def cutmix(x: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: float,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste a box from a partner sample; labels weighted by the pasted area."""
-    check_batch(x)
-    y = soft_targets(targets, num_classes)
-    lam = _beta(alpha, generator)
-    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device)
+    y, lam, perm = _partners(x, targets, num_classes, alpha, generator)
     h, w = x.shape[2], x.shape[3]
     cut = math.sqrt(1.0 - lam)
     cy, cx = (torch.rand(2, generator=generator, device=generator.device) *

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -137,7 +137,3 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
 def create_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer,
                      total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-
-def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p for p in params if p.requires_grad]
