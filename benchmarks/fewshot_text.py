@@ -5,10 +5,11 @@ see the same K-shot draws (data.seed = s with our sampler; the source line ids o
 examples are saved with every cell) and the same fixed test subset (data.max_test examples,
 a seed-independent class-balanced subset of the test split).
 
-- smallshot: configs/fewshot-minilm.yaml (contrastive pair stage + probe head + short
-  end-to-end fine-tune). The number of end-to-end epochs is chosen by stratified k-fold CV on
-  the few-shot set only (an in-process grid over our ``stratified_folds``; every selection run
-  has train.test=false, so the test split is never even read during selection).
+- smallshot: configs/fewshot-minilm.yaml (normalised mean-pooled embeddings; a contrastive
+  pair stage or none, a probe head, then end-to-end epochs or none). Which of its
+  ``tune.space`` grid points runs is chosen by a Ray Tune sweep (cluster/tune.py) scored by
+  stratified k-fold CV on the few-shot set only: every trial has train.test=false, so the test
+  split is never even read during selection.
 - setfit: the setfit package's default recipe (TrainingArguments() defaults, seed = s).
 - full-ft: configs/sst2-minilm.yaml as is (fresh head, lr 1e-4, 15 epochs).
 
@@ -82,26 +83,35 @@ def drawn_lines(cfg) -> list[str]:
 # Hyperparameter selection (few-shot set only)
 
 
-def select_epochs(cfg, folds: int, metric: str) -> dict[str, Any]:
-    """k-fold CV over the few-shot set: mean validation ``metric`` after each epoch.
+def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[str, Any]:
+    """A Ray Tune grid over the recipe's ``tune.space``, scored by k-fold CV on the few-shot set.
 
-    With a constant LR and no warmup the first e epochs of an E-epoch run are an e-epoch run,
-    so one run per fold scores every candidate e = 1..E. Selection runs never load the test
-    split (train.test=false -> load_dataset(with_test=False)).
+    The sweep is cluster/tune.py's, as ``launch.py tune`` runs it: every trial trains the
+    folds of the K-shot draw with ``train.test=false`` (trial_config forces it), so the test
+    split is never even loaded while choosing. Ties go to the earlier trial of the grid.
     """
-    from trainers.loop import fit
+    from cluster.report import collect_trials
+    from cluster.tune import run_sweep
 
-    curves = []
-    for fold in range(folds):
-        run = cfg.replace({"data.folds": folds, "data.fold": fold, "train.test": False,
-                           "train.run_name": f"select-fold{fold}"})
-        result = fit(run)
-        curves.append([row[f"val/{metric}"] for row in result.history])
-    mean_curve = [statistics.fmean(vals) for vals in zip(*curves)]
-    best = max(range(len(mean_curve)), key=lambda i: (mean_curve[i], -i))  # ties: fewer epochs
-    return {"epochs": best + 1, "cv_curve": mean_curve, "fold_curves": curves, "folds": folds,
-            "grid": {"train.epochs": list(range(1, len(mean_curve) + 1))},
-            "how": "in-process stratified k-fold grid (trainers.data.stratified_folds)"}
+    sweep = cfg.replace({"data.folds": folds, "data.fold": 0, "train.test": False,
+                         "train.output_dir": str(workdir), "tune.name": "select",
+                         "tune.metric": f"val/{metric}", "tune.mode": "max",
+                         "tune.search": "grid", "tune.scheduler": "none", "tune.num_samples": 1,
+                         "tune.final_seeds": 0}, source="few-shot selection")
+    outcome = run_sweep(sweep, overwrite=True)
+    rows = collect_trials(outcome.sweep_dir, sweep)
+    scored = [r for r in rows if r.score is not None and r.status != "ERROR"]
+    if not scored:
+        errors = "; ".join(r.error for r in rows if r.error)[:300]
+        raise RuntimeError(f"few-shot selection: no trial finished ({errors or 'no trials'})")
+    top = max(r.score for r in scored)
+    best = min((r for r in scored if r.score == top), key=lambda r: r.trial_id)
+    return {"params": best.params, "cv_score": best.score, "folds": folds,
+            "grid": {k: list(v) if isinstance(v, (list, tuple)) else v
+                     for k, v in cfg.tune.space.items()},
+            "trials": [{"params": r.params, "cv": r.score, "cv_std": r.std, "status": r.status}
+                       for r in sorted(rows, key=lambda r: r.trial_id)],
+            "how": f"Ray Tune grid (cluster/tune.py), {folds}-fold CV on the few-shot set"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +138,9 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) ->
     from trainers.loop import fit
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides))
-    selection = select_epochs(cfg, args.folds, cell.metric)
-    final = fit(cfg.replace({"train.epochs": selection["epochs"], "train.run_name": "final"}))
+    selection = select_by_sweep(cfg, args.folds, cell.metric, Path(out) / "select")
+    final = fit(cfg.replace({**selection["params"], "train.run_name": "final"},
+                            source="selected by few-shot CV"))
     return {"test": _test_metrics(final.metrics), "selection": selection,
             "recipe": str(RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
 
@@ -307,8 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     note = (f"Planned: {planned} x {len(methods)} methods; finished {len(rows)} of {len(cells)} "
             f"cells{f' ({skipped} left for a later run: --budget-min reached)' if skipped else ''}"
             f". Test: fixed class-balanced subset of {args.max_test} test examples per dataset. "
-            f"smallshot: {RECIPE.name}, end-to-end epochs chosen by {args.folds}-fold CV on the "
-            f"few-shot set (in-process grid, not Ray Tune). setfit: package defaults. full-ft: "
+            f"smallshot: {RECIPE.name}, its tune.space grid scored by {args.folds}-fold CV on the "
+            f"few-shot set (a Ray Tune sweep per cell). setfit: package defaults. full-ft: "
             f"{BASELINE_RECIPE.name} defaults.")
     plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
     name = "fewshot_text_quick" if args.quick else "fewshot_text"

@@ -16,7 +16,7 @@ from trainers.loop import fit
 TINY = ["--max-test", "24", "--max-length", "16", "--folds", "2"]
 
 
-def test_selection_never_reads_the_test_split(tmp_path):
+def test_selection_never_reads_the_test_split(tmp_path, local_ray):
     src = need_shared("data", "text", "sst2")
     ds = tmp_path / "sst2-broken-test"
     ds.mkdir()
@@ -24,19 +24,27 @@ def test_selection_never_reads_the_test_split(tmp_path):
     # a test split that cannot be parsed: anything that reads it fails loudly
     (ds / "test.tsv").write_text("label\tlabel_text\ttext\nnot-a-label\tx\tbroken row\n")
     cfg = load_config(bench.RECIPE, [f"data.root={ds}", "data.shots=4", "data.max_length=16",
-                                     "model.strategy=lp-ft", "train.epochs=2",
+                                     "model.contrastive_iterations=1",
+                                     "tune.space={model.strategy: 'grid[lp-ft, contrastive]', "
+                                     "train.epochs: 'grid[0, 1]'}",
                                      f"train.output_dir={tmp_path / 'runs'}"])
-    selection = bench.select_epochs(cfg, folds=2, metric="accuracy")
-    assert selection["epochs"] in (1, 2) and len(selection["fold_curves"]) == 2
+    # the Ray Tune sweep trains every grid point on both folds of the 8 few-shot examples
+    selection = bench.select_by_sweep(cfg, folds=2, metric="accuracy", workdir=tmp_path / "sel")
+    assert len(selection["trials"]) == 4
+    assert all(t["status"] == "TERMINATED" and 0.0 <= t["cv"] <= 1.0
+               for t in selection["trials"])
+    assert selection["params"] in [t["params"] for t in selection["trials"]]
+    assert selection["cv_score"] == max(t["cv"] for t in selection["trials"])
     with pytest.raises(DataError, match="test.tsv line 2: label 'not-a-label'"):
-        fit(cfg.replace({"train.epochs": selection["epochs"]}))
+        fit(cfg.replace(selection["params"]))
 
 
 @pytest.mark.slow
-def test_quick_run_of_our_methods_caches_cells(tmp_path):
+def test_quick_run_of_our_methods_caches_cells(tmp_path, local_ray):
     need_shared("data", "text", "sst2")
     args = ["--quick", *TINY, "--results-dir", str(tmp_path), "--methods", "smallshot", "full-ft",
-            "--smallshot-overrides", "train.epochs=2", "model.contrastive_iterations=1",
+            "--smallshot-overrides", "model.contrastive_iterations=1",
+            "tune.space={model.strategy: 'grid[lp-ft]', train.epochs: 'grid[0, 2]'}",
             "--baseline-overrides", "train.epochs=1"]
     payload = bench.main(args)
     cells = {c["method"]: c for c in payload["cells"]}
@@ -44,7 +52,7 @@ def test_quick_run_of_our_methods_caches_cells(tmp_path):
     # the same K-shot draw for every method, saved as source line ids (8 per class)
     assert cells["smallshot"]["train_lines"] == cells["full-ft"]["train_lines"]
     assert len(cells["smallshot"]["train_lines"]) == 16
-    assert cells["smallshot"]["selection"]["epochs"] in (1, 2)
+    assert cells["smallshot"]["selection"]["params"]["train.epochs"] in (0, 2)
     for c in cells.values():
         assert 0.0 <= c["value"] <= 1.0
     assert (tmp_path / "fewshot_text_quick.png").stat().st_size > 1000

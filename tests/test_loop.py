@@ -112,3 +112,21 @@ def test_resuming_from_the_final_checkpoint_trains_nothing(tmp_path):
     again = fit(tiny(tmp_path, "train.epochs=2"), Hooks(resume_from=final))
     assert again.steps == first.steps and again.history == first.history
     assert again.metrics["test/accuracy"] == pytest.approx(first.metrics["test/accuracy"])
+
+
+def test_zero_epochs_scores_the_prepared_model_without_training(tmp_path):
+    # lp-ft with epochs=0 is a linear probe: evaluated once (epoch 0), no optimizer step
+    result = fit(tiny(tmp_path, "model.strategy=lp-ft", "train.epochs=0"))
+    assert result.steps == 0 and result.epochs == 0
+    assert [row["epoch"] for row in result.history] == [0.0]
+    assert result.metrics["test/accuracy"] > 0.6  # the probe alone fits 20-shot digits
+
+
+def test_eval_at_start_adds_epoch_zero_to_the_history(tmp_path):
+    plain = fit(tiny(tmp_path, "train.epochs=2", "train.run_name=plain"))
+    start = fit(tiny(tmp_path, "train.epochs=2", "train.eval_at_start=true",
+                     "train.run_name=start"))
+    assert [row["epoch"] for row in start.history] == [0.0, 1.0, 2.0]
+    # evaluating first changes nothing that follows
+    assert start.history[1:] == [{**r, "time_s": s["time_s"]}
+                                 for r, s in zip(plain.history, start.history[1:])]

@@ -15,7 +15,7 @@ from trainers.loop import Batcher, fit
 from trainers.models import create_model
 from trainers.strategies import (STRATEGIES, contrastive_stage, create_strategy,
                                  fit_linear_probe, head_inputs, head_module, make_pairs,
-                                 pair_loss)
+                                 pair_loss, register_strategy)
 
 CPU = torch.device("cpu")
 
@@ -135,3 +135,32 @@ def test_text_probe_and_contrastive_stage(tmp_path):
     create_strategy("contrastive")(cfg, built, data.train, CPU)
     assert pair_loss(cfg, built, data.train, CPU) < before
     assert train_accuracy(built, batcher, data.train) >= max(random_head, 0.75)
+
+
+def test_materialised_augmentation_reaches_the_strategy(tmp_path):
+    seen = []
+
+    @register_strategy("record-size")
+    def record(cfg, built, train, device):
+        seen.append(len(train))
+
+    try:
+        cfg = text(tmp_path, "model.strategy=record-size", "train.epochs=0",
+                   "augment.policy=eda", "augment.mode=materialised", "augment.copies=2")
+        fit(cfg)
+    finally:
+        STRATEGIES.pop("record-size")
+    assert seen == [8 * 3]  # D ∪ T(D): 4 shots x 2 classes, each with 2 transformed copies
+
+
+def test_normalised_embeddings_have_unit_norm(tmp_path):
+    cfg = text(tmp_path, "model.normalize=true")
+    data = load_dataset(cfg.data, with_test=False)
+    built = create_model(cfg.model, data.num_classes)
+    feats = head_inputs(built, Batcher(cfg, built, CPU), data.train, 64)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(len(data.train)))
+    raw = create_model(cfg.model.__class__(**{**vars(cfg.model), "normalize": False}),
+                       data.num_classes)
+    raw.module.load_state_dict(built.module.state_dict())
+    plain = head_inputs(raw, Batcher(cfg, raw, CPU), data.train, 64)
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(plain, dim=-1))

@@ -98,6 +98,8 @@ class ModelConfig:
     pretrained: bool = _f(True, help="load pretrained weights (False = random init)")
     strategy: str = _f("full", help="fine-tuning strategy (registry in trainers/strategies.py)")
     pooling: Literal["cls", "mean"] = _f("cls", help="sentence pooling for encoders")
+    normalize: bool = _f(False, help="L2-normalise the sentence embedding before the head, as "
+                         "sentence-transformers models ending in a Normalize module do")
     freeze_backbone: bool = _f(False, help="train only the new head")
     unfreeze_after: int | None = _f(None, lo=0, help="unfreeze the backbone after this many "
                                     "epochs (with freeze_backbone)")
@@ -153,12 +155,15 @@ class AugmentConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = _f(10, lo=1, hi=100000, help="epochs over the few-shot set")
+    epochs: int = _f(10, lo=0, hi=100000, help="epochs over the few-shot set (0: evaluate "
+                     "what the strategy prepared, e.g. a probe head, without fine-tuning)")
     max_steps: int | None = _f(None, lo=1, help="stop after this many optimizer steps")
     batch_size: int = _f(16, lo=1, hi=65536, help="micro batch per worker")
     grad_accum: int = _f(1, lo=1, hi=1024, help="micro batches per optimizer step")
     eval_batch_size: int = _f(64, lo=1, help="batch size for evaluation")
     eval_every: int = _f(0, lo=0, help="evaluate every N optimizer steps (0 = every epoch)")
+    eval_at_start: bool = _f(False, help="also evaluate before the first step (epoch 0 of the "
+                             "history: the model as the strategy prepared it)")
     monitor: str = _f("val/accuracy", help="metric for best checkpoint and early stopping")
     mode: Literal["max", "min"] = _f("max", help="whether the monitored metric should go up")
     patience: int | None = _f(None, lo=1, help="early stopping: evaluations without improvement")

@@ -305,8 +305,6 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     if t.save_checkpoints and rank == 0:
         ensure_space(run_dir, built.module, cfg)
     train_split = data.train
-    if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
-        create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
     augment = augmenting.build_batch_augment(cfg.augment, data.modality)
     if cfg.augment.policy != "none" and cfg.augment.mode == "materialised":
         inputs, labels, _ = augmenting.materialise(train_split.inputs, train_split.labels,
@@ -315,6 +313,9 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         augment = augmenting.build_batch_augment(cfg.augment.__class__(
             policy="none", mixup_alpha=cfg.augment.mixup_alpha,
             cutmix_alpha=cfg.augment.cutmix_alpha), data.modality)
+    # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
+    if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
+        create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
 
     full_batch = optimizer_spec(cfg.optim.name).full_batch
     per_rank = math.ceil(len(train_split) / world_size)
@@ -395,6 +396,8 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
                          if k in ("train/loss", t.monitor)})
         return stop
 
+    if (t.eval_at_start or total_steps == 0) and progress["global_step"] == 0 and not history:
+        stopped_early = run_evaluation(0.0)  # epochs=0 scores what the strategy prepared
     engine.train(True)
     while not stopped_early and progress["global_step"] < total_steps:
         epoch = progress["epoch"]

@@ -99,10 +99,12 @@ def minilm_path() -> Path:
 class TextClassifier(nn.Module):
     """Encoder + pooling + linear head; forward(input_ids, attention_mask) -> logits."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str, dropout: float):
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str, dropout: float,
+                 normalize: bool = False):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.normalize = normalize
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
 
@@ -110,8 +112,10 @@ class TextClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return hidden[:, 0]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        else:
+            pooled = hidden[:, 0]
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
@@ -133,7 +137,7 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
         encoder = AutoModel.from_config(conf, add_pooling_layer=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dropout = cfg.dropout if cfg.dropout is not None else getattr(conf, "hidden_dropout_prob", 0.1)
-    model = TextClassifier(encoder, num_classes, cfg.pooling, dropout)
+    model = TextClassifier(encoder, num_classes, cfg.pooling, dropout, cfg.normalize)
     return BuiltModel(model, ("head.",), tokenizer, "text")
 
 
