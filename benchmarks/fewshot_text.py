@@ -107,8 +107,7 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[s
     top = max(r.score for r in scored)
     best = min((r for r in scored if r.score == top), key=lambda r: r.trial_id)
     return {"params": best.params, "cv_score": best.score, "folds": folds,
-            "grid": {k: list(v) if isinstance(v, (list, tuple)) else v
-                     for k, v in cfg.tune.space.items()},
+            "grid": dict(cfg.tune.space),
             "trials": [{"params": r.params, "cv": r.score, "cv_std": r.std, "status": r.status}
                        for r in sorted(rows, key=lambda r: r.trial_id)],
             "how": f"Ray Tune grid (cluster/tune.py), {folds}-fold CV on the few-shot set"}
