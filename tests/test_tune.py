@@ -185,24 +185,40 @@ def trial_states(sweep: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
+def start_sweep_until_a_trial_finishes(cmd: list[str], sweep: Path, env: dict[str, str],
+                                      log: Path | None = None,
+                                      timeout_s: float = 150.0) -> subprocess.Popen:
+    """Start a sweep driver in its own session; return it, still running, once a trial has
+    finished. Fails the test (and kills the driver's session) when that does not happen."""
+    out = log.open("w") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT)
+    finally:
+        if log:
+            out.close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "TERMINATED" in trial_states(sweep).values():
+            return proc
+        time.sleep(0.2)
+    ended = proc.poll() is not None
+    if not ended:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    detail = f":\n{log.read_text()[-2000:]}" if log else ""
+    pytest.fail(("the sweep ended before it could be killed" if ended
+                 else "no trial finished in time") + detail)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     sweep = tmp_path / "sweeps" / "tiny-digits"
-    proc = subprocess.Popen(tune_cmd(tmp_path), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "TERMINATED" in trial_states(sweep).values():
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        assert "TERMINATED" in trial_states(sweep).values(), "no trial finished in time"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
-        proc.wait()
+    proc = start_sweep_until_a_trial_finishes(tune_cmd(tmp_path), sweep, env)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
+    proc.wait()
     before = trial_states(sweep)
     finished = {t for t, s in before.items() if s == "TERMINATED"}
     assert len(finished) < 3, before

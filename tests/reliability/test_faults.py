@@ -25,7 +25,7 @@ import pytest
 
 from conftest import CONFIGS, ROOT, simulated_cluster
 from test_distributed import registered_checkpoints, rows, train_while_killing
-from test_tune import trial_states
+from test_tune import start_sweep_until_a_trial_finishes, trial_states
 from trainers.config import RunConfig, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]
@@ -176,24 +176,10 @@ def test_sigkilled_sweep_driver_resumes_with_finished_trials_byte_identical(
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "RAY_ADDRESS": cluster.cluster.address}
     sweep = tmp_path / "sweeps" / "driver-killed"
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(sweep_cmd(tmp_path), cwd=ROOT, env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "TERMINATED" in trial_states(sweep).values():
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the sweep ended before it could be killed:\n" + \
-            log.read_text()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = start_sweep_until_a_trial_finishes(sweep_cmd(tmp_path), sweep, env,
+                                              log=tmp_path / "first.log")
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone
+    proc.wait()
     wait_for_no_trial_actors(60)
     before = trial_states(sweep)
     finished = sorted(t for t, s in before.items() if s == "TERMINATED")
