@@ -45,6 +45,12 @@ MODES = ("tune", "train")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DASHBOARD_PORT = 8265
 CONNECT_TIMEOUT_S = 10.0
+# A dashboard that accepts a connection and then never answers must not hang a command: every
+# request has a read timeout (seconds without a byte), $SMALLSHOT_HTTP_TIMEOUT_S to change it.
+READ_TIMEOUT_S = 60.0
+# Log tailing may be silent for hours; a websocket ping every this many seconds tells a quiet
+# job from a dead connection.
+HEARTBEAT_S = 30.0
 TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
               "token, printed by `ray get-auth-token` on the head node")
 
@@ -92,6 +98,51 @@ def load_token() -> str | None:
     return token or None
 
 
+def read_timeout_s() -> float:
+    raw = os.environ.get("SMALLSHOT_HTTP_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw else READ_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"SMALLSHOT_HTTP_TIMEOUT_S={raw!r}: expected seconds, e.g. 60") from None
+    if not value > 0:
+        raise ConfigError(f"SMALLSHOT_HTTP_TIMEOUT_S={raw!r}: must be > 0")
+    return value
+
+
+def _timed_client(url: str, headers: dict[str, str] | None) -> JobSubmissionClient:
+    """Ray's Jobs client with a connect and read timeout on every request it makes (Ray's own
+    client passes none to requests, and none to the log websocket)."""
+    import aiohttp
+    from ray.job_submission import JobSubmissionClient
+
+    timeouts = (CONNECT_TIMEOUT_S, read_timeout_s())
+
+    class TimedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeouts)
+            return super()._do_request(method, endpoint, **kwargs)
+
+        async def tail_job_logs(self, job_id: str):  # type: ignore[override]
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts[0],
+                                            sock_read=timeouts[1])
+            async with aiohttp.ClientSession(cookies=self._cookies, headers=self._headers,
+                                             timeout=timeout) as session:
+                ws = await session.ws_connect(f"{self._address}/api/jobs/{job_id}/logs/tail",
+                                              headers=self._headers, ssl=self._ssl_context,
+                                              heartbeat=HEARTBEAT_S)
+                async for msg in ws:  # ends on a close; a missed heartbeat closes it too
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        yield msg.data
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        raise ConnectionError(f"log stream of job {job_id} broke "
+                                              f"({ws.exception()})")
+                if ws.close_code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
+                    raise ConnectionError(f"log stream of job {job_id} closed with code "
+                                          f"{ws.close_code}")
+
+    return TimedJobSubmissionClient(url, headers=headers)
+
+
 def _check_reachable(url: str) -> None:
     """Fail fast: the Jobs client itself waits on an unreachable host with no timeout."""
     parts = urlsplit(url)
@@ -117,6 +168,11 @@ def _cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
 
     try:
         yield
+    except (requests.exceptions.Timeout, asyncio.TimeoutError, TimeoutError) as e:
+        raise ClusterError(f"the Ray dashboard at {url} did not answer within "
+                           f"{read_timeout_s():g} s ({type(e).__name__}); is the cluster "
+                           f"overloaded, or is this not its dashboard address? "
+                           f"(SMALLSHOT_HTTP_TIMEOUT_S sets the wait)") from None
     except AuthenticationError as e:
         raise refused("required" in str(e).lower()) from None
     except aiohttp.WSServerHandshakeError as e:  # log tailing goes through a websocket
@@ -143,13 +199,11 @@ def connect(address: str | None) -> tuple[JobSubmissionClient, str]:
     """A Jobs client for the cluster, authenticated when a token is configured."""
     url = resolve_address(address)
     _check_reachable(url)
-    from ray.job_submission import JobSubmissionClient
-
     token = load_token()
     # Sent explicitly: Ray adds the header itself only when this process runs in token mode.
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with _cluster_errors(url):
-        return JobSubmissionClient(url, headers=headers), url
+        return _timed_client(url, headers), url
 
 
 # --------------------------------------------------------------------------------------------

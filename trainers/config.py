@@ -74,6 +74,10 @@ class DataConfig:
     def validate(self) -> None:
         if self.format != "digits" and not self.root:
             raise ConfigError(f"data.root: required for data.format={self.format!r}")
+        if self.shots is None and self.val_shots:
+            raise ConfigError(f"data.val_shots={self.val_shots}: data.shots=null trains on every "
+                              f"example, so none are left to validate on; set data.shots to a "
+                              f"number or data.val_shots=0")
         if self.folds == 1:
             raise ConfigError("data.folds: 1 is not a split; use 0 (off) or >= 2")
         if self.folds and self.fold >= self.folds:

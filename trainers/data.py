@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import random
 from collections import defaultdict
@@ -24,6 +25,10 @@ from trainers.errors import DataError
 
 TEXT_SUFFIXES = (".tsv", ".csv", ".jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# A label of 10**9 would make a head of 10**9 outputs: class indices are bounded.
+MAX_CLASSES = 100_000
+# One image decoded to more pixels than this is refused before decoding (about 8k x 8k).
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 @dataclass
@@ -87,47 +92,86 @@ def _split_file(root: Path, split: str) -> Path | None:
     return None
 
 
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 ({e.reason})") from None
+
+
+def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, dict]]:
+    """(physical line, object) per non-blank line; only \n ends a line (JSON strings may hold
+    U+2028 and friends, which str.splitlines would split on)."""
+    rows = []
+    for n, line in enumerate(raw.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object per line")
+        rows.append((n, row))
+    return rows
+
+
+def _delimited_rows(path: Path, raw: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(physical line where the record starts, row) for a TSV (no quoting) or CSV file.
+
+    The csv module reads the whole text, so a quoted CSV field may span lines and line numbers
+    stay the file's own; ``strict`` turns an unterminated or stray quote into an error instead of
+    a field that silently swallows the rows after it.
+    """
+    tsv = path.suffix == ".tsv"
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+    rows: list[tuple[int, dict]] = []
+    header: list[str] | None = None
+    start = 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            what = str(e)
+            what = ("unterminated quote (the quoted field runs to the end of the file)"
+                    if "end of data" in what else f"invalid {path.suffix[1:].upper()} ({what})")
+            raise DataError(f"{path} line {start}: {what}") from None
+        line, start = start, reader.line_num + 1
+        if not values:
+            continue
+        if header is None:
+            header = values
+            for col in required:
+                if col not in header:
+                    raise DataError(f"{path} line {line}: missing column {col!r} (columns: "
+                                    f"{', '.join(header)}); set data.text_column/"
+                                    f"data.label_column")
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path} line {line}: {len(values)} fields, header has "
+                            f"{len(header)}")
+        rows.append((line, dict(zip(header, values))))
+    if header is None:
+        raise DataError(f"{path}: empty file (expected a header row)")
+    return rows
+
+
 def read_text_file(path: Path, text_col: str, label_col: str,
                    label_text_col: str | None) -> tuple[list[str], list[int], list[str], dict[int, str]]:
-    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and line."""
+    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and physical line."""
     texts, labels, sources, names = [], [], [], {}
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 ({e.reason})") from None
-    lines = raw.splitlines()
+    raw = _decode(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object per line")
-            rows.append((n, row))
+        rows = _jsonl_rows(path, raw)
     else:
-        delim = "\t" if path.suffix == ".tsv" else ","
-        quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(lines, delimiter=delim, quoting=quoting)
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path}: empty file (expected a header row)")
-        for col in (text_col, label_col):
-            if col not in header:
-                raise DataError(f"{path} line 1: missing column {col!r} (columns: "
-                                f"{', '.join(header)}); set data.text_column/data.label_column")
-        rows = []
-        for n, values in enumerate(reader, 2):
-            if not values:
-                continue
-            if len(values) != len(header):
-                raise DataError(f"{path} line {n}: {len(values)} fields, header has "
-                                f"{len(header)}")
-            rows.append((n, dict(zip(header, values))))
+        rows = _delimited_rows(path, raw, (text_col, label_col))
+    if not rows:
+        raise DataError(f"{path}: no examples (only a header or blank lines)")
     for n, row in rows:
         if text_col not in row or label_col not in row:
             missing = text_col if text_col not in row else label_col
@@ -136,13 +180,16 @@ def read_text_file(path: Path, text_col: str, label_col: str,
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path} line {n}: empty text in column {text_col!r}")
         try:
-            label_i = int(label)
-            if isinstance(label, float) and not label.is_integer():
+            if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
                 raise ValueError
-        except (TypeError, ValueError):
+            label_i = int(label)
+        except (TypeError, ValueError, OverflowError):
             raise DataError(f"{path} line {n}: label {label!r} is not an integer class index") from None
         if label_i < 0:
             raise DataError(f"{path} line {n}: label {label_i} is negative")
+        if label_i >= MAX_CLASSES:
+            raise DataError(f"{path} line {n}: label {label_i} is too large (class indices "
+                            f"are 0..C-1, at most {MAX_CLASSES - 1})")
         texts.append(text)
         labels.append(label_i)
         sources.append(f"{path}:{n}")
@@ -175,8 +222,9 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
                             f"split {cfg.train_split!r} (labels there: {sorted(train_labels)})")
     missing = sorted(set(range(num_classes)) - train_labels)
     if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
         raise DataError(f"{cfg.root}: split {cfg.train_split!r} has no example of label(s) "
-                        f"{missing}: labels must be 0..C-1")
+                        f"{shown}: labels must be 0..C-1")
     classes = [names.get(i, str(i)) for i in range(num_classes)]
     return "text", classes, splits
 
@@ -185,22 +233,33 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before decoding
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: {im.width}x{im.height} pixels is larger than one image "
+                                f"may be ({MAX_IMAGE_PIXELS // 2**20} Mpixel); downscale it")
+            if size is not None:
+                im.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode smaller
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({str(e).splitlines()[0][:200]})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def _image_classes(split_root: Path, depth: int) -> dict[str, Path]:
+    """Class folders ``depth`` levels down; hidden ones (.ipynb_checkpoints, .git) are not
+    classes, as in torchvision's ImageFolder."""
     dirs = [split_root]
     for _ in range(depth):
-        dirs = sorted(d for parent in dirs for d in parent.iterdir() if d.is_dir())
+        dirs = sorted(d for parent in dirs for d in parent.iterdir()
+                      if d.is_dir() and not d.name.startswith("."))
     return {str(d.relative_to(split_root)): d for d in dirs}
 
 
@@ -227,7 +286,11 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
             if name not in found:
                 raise DataError(f"{split_root}: class folder {name!r} is missing (it exists in "
                                 f"split {cfg.train_split!r})")
-            files = sorted(p for p in found[name].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in found[name].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            if not files:  # a class nothing trains or tests would still get a head output
+                raise DataError(f"{found[name]}: class folder without images "
+                                f"({', '.join(IMAGE_SUFFIXES)}); remove it or add examples")
             for p in files:
                 images.append(p)
                 labels.append(label)
@@ -271,7 +334,7 @@ def load_digits(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
 def sample_few_shot(labels: Sequence[int], shots: int, seed: int,
                     exclude: set[int] | None = None, what: str = "train") -> list[int]:
     """Exactly ``shots`` indices per class, stratified, deterministic for ``seed``."""
-    by_class: dict[int, list[int]] = defaultdict(list)
+    by_class: dict[int, list[int]] = {int(y): [] for y in labels}  # every class, even if used up
     for i, y in enumerate(labels):
         if exclude is None or i not in exclude:
             by_class[int(y)].append(i)
