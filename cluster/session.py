@@ -1,18 +1,28 @@
 """Connecting to Ray: an existing cluster ($RAY_ADDRESS / scaling.address) or a local instance.
 
-A local instance started here binds its dashboard to 127.0.0.1 and keeps Ray's token
-authentication on (Ray's default for clusters it starts), so nothing listens openly on the
-network. ``ray.init`` is only ever called from these functions, never at import time.
+A local instance started here listens on the loopback interface only (GCS, raylet, agents,
+workers and the dashboard), keeps Ray's token authentication on (Ray's default for clusters it
+starts) and keeps the token file private (0600), so nothing listens openly on the network.
+``SMALLSHOT_RAY_NODE_IP`` / ``SMALLSHOT_DASHBOARD_HOST`` expose it deliberately.
+``ray.init`` is only ever called from these functions, never at import time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from pathlib import Path
 from typing import Any
 
 from trainers.errors import ClusterError
 
 LOCAL_DASHBOARD_HOST = "127.0.0.1"
+NODE_IP_ENV = "SMALLSHOT_RAY_NODE_IP"
+# Ray 2.60 replaces a loopback node address by the machine's reachable one (and its gRPC servers
+# then listen on every interface) unless this switch, meant for single-machine macOS/Windows
+# installs, is off; with it off, every component binds to 127.0.0.1.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, float]:
@@ -25,15 +35,102 @@ def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, flo
             if target:
                 ray.init(address=target, log_to_driver=True)
             else:
-                local_kwargs.setdefault("dashboard_host", os.environ.get(
-                    "SMALLSHOT_DASHBOARD_HOST", LOCAL_DASHBOARD_HOST))
-                # Ray 2.60 itself generates a token and turns token authentication on here
-                # (RAY_AUTH_MODE=disabled opts out); tests/reliability checks that it stays so
-                # the dashboard serves the State API that Ray Train's placement-group cleaner uses
-                local_kwargs.setdefault("include_dashboard", True)
-                ray.init(address="local", **local_kwargs)
+                start_local(ray, local_kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ClusterError(f"cannot connect to Ray at {target or 'a new local instance'}: "
                                f"{first[:200]}") from None
     return dict(ray.cluster_resources())
+
+
+def start_local(ray: Any, kwargs: dict[str, Any]) -> None:
+    """A fresh local instance bound to loopback, with a private token when auth is on."""
+    kwargs.setdefault("dashboard_host", os.environ.get("SMALLSHOT_DASHBOARD_HOST",
+                                                       LOCAL_DASHBOARD_HOST))
+    # the dashboard serves the State API that Ray Train's placement-group cleaner uses
+    kwargs.setdefault("include_dashboard", True)
+    # Ray Train's own actors and Ray's INFO lines talk to the console otherwise: warnings only
+    kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
+    node_ip = os.environ.get(NODE_IP_ENV)
+    if node_ip:
+        kwargs.setdefault("_node_ip_address", node_ip)
+    else:
+        bind_to_loopback()
+    token = private_token_file()
+    # Ray warns about token auth at every local start; the line printed below says it once
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    # Ray's processes look their cluster up by RAY_ADDRESS, else by scanning the machine, which
+    # fails ("Found multiple active Ray instances") where another user's Ray runs: fix the GCS
+    # port so the address is known before start, and hand it to the processes Ray starts.
+    port = free_port(node_ip or "127.0.0.1")
+    started_with = {"RAY_GCS_SERVER_PORT": str(port),
+                    "RAY_ADDRESS": f"{node_ip or '127.0.0.1'}:{port}"}
+    saved = {k: os.environ.get(k) for k in started_with}
+    os.environ.update(started_with)
+    try:
+        ray.init(address="local", **kwargs)
+    finally:  # this process itself keeps its own settings (a later ensure_ray starts afresh)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if token is not None:
+        tighten(token)  # in case Ray (re)wrote it with the default umask
+    auth = f"token auth, token in {token}" if token is not None else "no token auth"
+    print(f"started a local Ray instance at {started_with['RAY_ADDRESS']} (dashboard "
+          f"{ray._private.worker.get_dashboard_url()}, {auth})", flush=True)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def bind_to_loopback() -> None:
+    """Make this process and the Ray processes it starts use 127.0.0.1 as the node address."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ[RAY_CLUSTER_SWITCH] = "0"  # read by the raylet, agents and workers at start
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this process (imported before we ran)
+
+
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def private_token_file() -> Path | None:
+    """The token file a local token-auth instance will use, created 0600 when missing.
+
+    Ray 2.60 writes a missing token with the process umask (0644: readable by every user of the
+    machine); creating it first with Ray's own generator and mode 0600 closes that window.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    if not path.exists():
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token)
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile: keep theirs
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_new_authentication_token())
+    tighten(path)
+    return path
+
+
+def tighten(path: Path) -> None:
+    """Owner-only permissions on a token file this user owns (another user's is left alone)."""
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass

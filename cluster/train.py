@@ -85,7 +85,7 @@ def check_fits(cfg: RunConfig, resources: dict[str, float]) -> None:
 
 def build_trainer(cfg: RunConfig, run_name: str | None = None, callbacks: list | None = None):
     """A TorchTrainer for ``cfg`` (resolved paths), usable alone or inside a Tune trial."""
-    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -107,6 +107,8 @@ def build_trainer(cfg: RunConfig, run_name: str | None = None, callbacks: list |
             name=run_name or cfg.run_dir.name, storage_path=cfg.scaling.storage_path,
             checkpoint_config=checkpoints,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Train's per-report INFO lines would bury ours; its log files keep every level
+            logging_config=LoggingConfig(log_level=log_level()),
             callbacks=list(callbacks or [])),
     )
 
@@ -160,6 +162,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from trainers.loop import Hooks, fit
 
     cfg = from_dict(config["cfg"], source="worker config")
+    quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if cfg.train.num_threads is None:  # one worker per CPU slot: avoid oversubscription
@@ -201,6 +204,20 @@ def train_worker(config: dict[str, Any]) -> None:
     finally:
         if local is not None:  # the downloaded copy (weights + optimizer state) is spent
             shutil.rmtree(local, ignore_errors=True)
+
+
+def log_level() -> str:
+    return os.environ.get("SMALLSHOT_RAY_LOG_LEVEL", "WARNING").upper()
+
+
+def quiet_report_log() -> None:
+    """Ray 2.60 logs every report at INFO under a logger named by its file path, which the
+    ``ray.train`` log level does not reach: give that logger the same level."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(log_level())
 
 
 def record_placement(cfg: RunConfig, rank: int, ctx: Any) -> None:
