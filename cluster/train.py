@@ -123,10 +123,14 @@ def train_distributed(cfg: RunConfig) -> DistributedResult:
         done = finished_result(cfg, storage_dir)
         if done is not None:
             return done
-    check_fits(cfg, ensure_ray(cfg.scaling.address))
-    if not cfg.train.resume and "://" not in storage_dir:
-        shutil.rmtree(storage_dir, ignore_errors=True)  # same name, fresh run: no stale restore
-    result = build_trainer(cfg).fit()
+    from trainers.locks import run_folder_lock
+
+    # the driver holds the run folder's lock for its workers (they run with Hooks(lock=False))
+    with run_folder_lock(cfg.run_dir):
+        check_fits(cfg, ensure_ray(cfg.scaling.address))
+        if not cfg.train.resume and "://" not in storage_dir:
+            shutil.rmtree(storage_dir, ignore_errors=True)  # fresh run: no stale restore
+        result = build_trainer(cfg).fit()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -200,7 +204,7 @@ def train_worker(config: dict[str, Any]) -> None:
     assert world()[1] == ctx.get_world_size()
     try:
         fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
-                       local_rank=ctx.get_local_rank()))
+                       local_rank=ctx.get_local_rank(), lock=False))
     finally:
         if local is not None:  # the downloaded copy (weights + optimizer state) is spent
             shutil.rmtree(local, ignore_errors=True)

@@ -9,7 +9,7 @@ import torch
 
 from trainers.config import load_config
 from trainers.loop import TrainingError, fit, load_checkpoint_model
-from trainers.errors import SmallshotError
+from trainers.errors import CheckpointError, SmallshotError
 from conftest import CONFIGS
 
 
@@ -30,23 +30,36 @@ def test_fit_learns_and_writes_run_folder(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == cfg.train.epochs and "val/accuracy" in rows[0]
     assert json.loads((run / "labels.json").read_text())["classes"][:2] == ["0", "1"]
-    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert 1 <= len(ckpts) <= 2  # last + best only
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # a finished run keeps one checkpoint: the tested weights, which `latest` names for resume
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "latest"]
+    assert sorted(p.name for p in (run / "checkpoints" / "final").iterdir()) == [
+        "config.yaml", "model.pt", "progress.json", "result.json"]
+    assert result.best_checkpoint == run / "checkpoints" / "final"
     # the best checkpoint loads back into a plain model that scores like the run did
     built = load_checkpoint_model(cfg, result.best_checkpoint, num_classes=10)
     assert sum(p.numel() for p in built.module.parameters()) > 0
 
 
+class Interrupt(Exception):
+    """Stands in for a crash right after an evaluation and its checkpoint."""
+
+
+def interrupted_at(step: int):
+    from trainers.loop import Hooks
+
+    def stop(row, _ckpt):
+        if row["step"] >= step:
+            raise Interrupt
+    return Hooks(on_evaluation=stop)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     full = fit(tiny(tmp_path / "a", "train.epochs=4"))
-    # "interrupt" after epoch 1: a run capped at 1 epoch with the same schedule length...
-    part = tiny(tmp_path / "b", "train.epochs=4", "train.max_steps=7")
-    first = fit(part)
-    assert first.steps == 7 and first.epochs == 1
-    # ...then resumed from its latest checkpoint to the end
-    resumed = fit(tiny(tmp_path / "b", "train.epochs=4", "train.resume=true",
-                       f"train.run_name={first.run_dir.name}"))
+    # interrupted after epoch 1 (step 7), then resumed from its latest checkpoint to the end
+    part = tiny(tmp_path / "b", "train.epochs=4")
+    with pytest.raises(Interrupt):
+        fit(part, interrupted_at(7))
+    resumed = fit(tiny(tmp_path / "b", "train.epochs=4", "train.resume=true"))
     assert resumed.steps == full.steps
     for key in ("test/accuracy", "test/f1", "best_val/accuracy"):
         assert resumed.metrics[key] == pytest.approx(full.metrics[key], abs=1e-9), key
@@ -55,9 +68,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 
 def test_mid_epoch_checkpoints_resume_exactly(tmp_path):
     full = fit(tiny(tmp_path / "a", "train.eval_every=3", "train.epochs=2"))
-    cut = fit(tiny(tmp_path / "b", "train.eval_every=3", "train.epochs=2", "train.max_steps=9"))
+    with pytest.raises(Interrupt):
+        fit(tiny(tmp_path / "b", "train.eval_every=3", "train.epochs=2"), interrupted_at(9))
     resumed = fit(tiny(tmp_path / "b", "train.eval_every=3", "train.epochs=2",
-                       "train.resume=true", f"train.run_name={cut.run_dir.name}"))
+                       "train.resume=true"))
     assert resumed.metrics["test/accuracy"] == pytest.approx(full.metrics["test/accuracy"])
 
 
@@ -112,6 +126,10 @@ def test_resuming_from_the_final_checkpoint_trains_nothing(tmp_path):
     again = fit(tiny(tmp_path, "train.epochs=2"), Hooks(resume_from=final))
     assert again.steps == first.steps and again.history == first.history
     assert again.metrics["test/accuracy"] == pytest.approx(first.metrics["test/accuracy"])
+    # asking a finished run for more steps than it took is refused: its optimizer state is gone
+    with pytest.raises(CheckpointError, match="finished run.*train a new run"):
+        fit(tiny(tmp_path, "train.epochs=3", f"train.run_name={first.run_dir.name}",
+                 "train.resume=true"))
 
 
 def test_zero_epochs_scores_the_prepared_model_without_training(tmp_path):

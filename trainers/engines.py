@@ -122,11 +122,17 @@ class Engine:
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
 
+    def save_weights(self, folder: Path, rank: int) -> None:
+        """Write model.pt (full weights) from rank 0: all an evaluation or export needs."""
+        state = self.model_state()
+        if rank == 0:
+            torch.save(state, folder / "model.pt")
+
     def save(self, folder: Path, rank: int) -> None:
         """Write model.pt (full weights) and engine.pt (optimizer, scheduler) from rank 0."""
+        self.save_weights(folder, rank)
         if rank != 0:
             return
-        torch.save(self.model_state(), folder / "model.pt")
         torch.save({"optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "micro": self.micro},
@@ -181,11 +187,11 @@ class DDPEngine(Engine):
         # skip the all-reduce on micro batches that do not end an optimizer step
         return contextlib.nullcontext() if self._boundary() else self.model.no_sync()
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save_weights(self, folder: Path, rank: int) -> None:
         """As the plain engine, plus replicas.json: every rank's weight digest (they must agree)."""
         digests: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(digests, state_digest(self.module))
-        super().save(folder, rank)
+        super().save_weights(folder, rank)
         if rank == 0:
             (folder / "replicas.json").write_text(json.dumps({"sha256": digests}))
 
@@ -253,9 +259,7 @@ class DeepSpeedEngine(Engine):
     def save(self, folder: Path, rank: int) -> None:
         # every rank writes its ZeRO shard; rank 0 also writes the consolidated weights
         self.model.save_checkpoint(str(folder), tag="deepspeed")
-        state = self.model_state()
-        if rank == 0:
-            torch.save(state, folder / "model.pt")
+        self.save_weights(folder, rank)
 
     def load(self, folder: Path) -> None:
         if not (folder / "deepspeed").is_dir():

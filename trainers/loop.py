@@ -26,7 +26,7 @@ from trainers import augmenting
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import create_engine, pick_device, world
-from trainers.errors import CheckpointError, SmallshotError
+from trainers.errors import CheckpointError, DataError, SmallshotError
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
@@ -45,6 +45,7 @@ class Hooks:
     on_finish: Callable[[dict[str, Any], Path | None], None] | None = None  # final metrics
     resume_from: Path | None = None  # a checkpoint folder to continue from
     local_rank: int | None = None
+    lock: bool = True  # hold the run folder's lock (Ray Train's driver holds it for its workers)
 
 
 @dataclass
@@ -175,12 +176,20 @@ class Checkpoints:
         self.root = run_dir / "checkpoints"
         self.rank = rank
 
-    def pointer(self, name: str) -> Path | None:
+    def pointer(self, name: str, strict: bool = False) -> Path | None:
+        """The checkpoint a pointer file names; with ``strict``, a pointer to a checkpoint that
+        is gone is an error (resuming would silently start over)."""
         p = self.root / name
         if not p.is_file():
             return None
-        target = self.root / p.read_text().strip()
-        return target if target.is_dir() else None
+        step = p.read_text().strip()
+        target = self.root / step
+        if target.is_dir() and target.parent == self.root:
+            return target
+        if strict:
+            raise CheckpointError(f"{p}: names checkpoint {step!r}, which is not in {self.root}; "
+                                  f"restore it, or start over without train.resume=true")
+        return None
 
     def save(self, engine, progress: dict[str, Any], best: bool,
              barrier: Callable[[], None]) -> Path:
@@ -200,7 +209,7 @@ class Checkpoints:
             _write_json_text(self.root / "latest", name)
             if best:
                 _write_json_text(self.root / "best", name)
-            self._prune({name, *(p.name for p in (self.pointer("best"),) if p)})
+            self._prune({name, *(p.name for p in (self.pointer("best"),) if p)}, name)
         barrier()
         if self.rank != 0 and tmp.is_dir():  # a node without rank 0 (no shared filesystem)
             try:
@@ -211,10 +220,26 @@ class Checkpoints:
         barrier()
         return final
 
-    def _prune(self, keep: set[str]) -> None:
+    def _prune(self, keep: set[str], latest: str) -> None:
         for p in self.root.glob("step-*"):
             if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name != latest:  # kept as best only: resume never needs its optimizer state
+                strip_resume_state(p)
+
+    def finish(self, final: Path) -> None:
+        """A finished run keeps one checkpoint: ``final`` (what was tested, and what a resume
+        of the finished run loads); the step checkpoints it came from go."""
+        _write_json_text(self.root / "latest", final.name)
+        (self.root / "best").unlink(missing_ok=True)
+        for p in self.root.glob("step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def strip_resume_state(folder: Path) -> None:
+    """Drop what only resuming needs (optimizer/scheduler state, DeepSpeed shards)."""
+    (folder / "engine.pt").unlink(missing_ok=True)
+    shutil.rmtree(folder / "deepspeed", ignore_errors=True)
 
 
 def _write_json_text(path: Path, text: str) -> None:
@@ -228,24 +253,69 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
-    """Create the run folder (checking it is writable) and save the resolved config."""
+def check_writable(cfg: RunConfig) -> Path:
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise SmallshotError(f"train.output_dir={cfg.train.output_dir!r}: cannot write run "
+                             f"folder {run_dir} ({e.strerror or e})") from None
+    return run_dir
+
+
+# What a resumed run may change: how long and how it runs, not what it trains
+RESUMABLE_CHANGES = ("train.",)
+
+
+def check_resumable(cfg: RunConfig, resume_dir: Path) -> None:
+    """Refuse to resume a checkpoint written by another config (another model, data, optimizer):
+    its weights or optimizer state would not fit, or fit and mean something else."""
+    saved = cfg.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    from trainers.config import load_config
+
+    try:
+        before = load_config(saved, check_paths=False).to_dict()
+    except SmallshotError:
+        return  # an unreadable record: the weights' own shapes are checked when they load
+    now = cfg.to_dict()
+    diff = [f"{section}.{k}" for section in ("data", "model", "optim", "augment")
+            for k in sorted(set(before[section]) | set(now[section]))
+            if before[section].get(k) != now[section].get(k)]
+    if diff:
+        raise CheckpointError(f"train.resume: {resume_dir} was written by a run whose "
+                              f"{', '.join(diff[:3])} differ from this config (see {saved}); "
+                              f"resume with the same config or choose another train.run_name")
+
+
+def prepare_run_dir(cfg: RunConfig, rank: int, resume_dir: Path | None) -> Path:
+    """Create the run folder (checking it is writable) and save the resolved config.
+
+    A fresh run clears what an earlier run left there; a resumed one rewrites metrics.jsonl
+    from the checkpoint's own history, so that rows written after that checkpoint (a crash
+    between an evaluation and its checkpoint) are not repeated when they are redone.
+    """
     run_dir = cfg.run_dir
     if rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
-        except OSError as e:
-            raise SmallshotError(f"train.output_dir={cfg.train.output_dir!r}: cannot write run "
-                                 f"folder {run_dir} ({e.strerror or e})") from None
-        if not cfg.train.resume:
+        check_writable(cfg)
+        if resume_dir is None:
             for stale in ("checkpoints", "metrics.jsonl", "result.json"):
                 p = run_dir / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        else:
+            check_resumable(cfg, resume_dir)
         cfg.save(run_dir / "config.yaml")
     return run_dir
+
+
+def restore_metrics(metrics_file: Path, history: list[dict[str, Any]]) -> None:
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, metrics_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,12 +335,37 @@ def ensure_space(run_dir: Path, module: torch.nn.Module, cfg: RunConfig) -> None
             f"another train.output_dir or set train.save_checkpoints=false")
 
 
+@torch.no_grad()
+def check_model_takes_data(cfg: RunConfig, built: BuiltModel, data: FewShotData) -> None:
+    """One example through the model before anything trains: a model that cannot take the
+    data's inputs (an MLP sized for other images, 1-channel images into an RGB network) fails
+    here in one line rather than as a shape error deep inside the first step."""
+    module = built.module
+    was_training = module.training
+    module.train(False)
+    inputs = Batcher(cfg, built, torch.device("cpu")).inputs(data.train, [0])
+    shape = next(tuple(v.shape) for v in inputs.values())
+    try:
+        logits = module(**inputs)
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"model.name={cfg.model.name!r} cannot take the inputs of "
+                        f"data.format={cfg.data.format!r} (one example is {shape}: {first}); "
+                        f"match the model to the data (e.g. data.channels, data.image_size, "
+                        f"mlp:<inputs>)") from None
+    finally:
+        module.train(was_training)
+    if tuple(logits.shape) != (1, data.num_classes):
+        raise DataError(f"model.name={cfg.model.name!r}: gives {tuple(logits.shape)[1:]} outputs "
+                        f"per example, the data has {data.num_classes} classes")
+
+
 def resume_source(cfg: RunConfig, hooks: Hooks) -> Path | None:
     """The checkpoint folder this run continues from, if any."""
     if hooks.resume_from is not None:
         return Path(hooks.resume_from)
     if cfg.train.resume:
-        return Checkpoints(cfg.run_dir, world()[0]).pointer("latest")
+        return Checkpoints(cfg.run_dir, world()[0]).pointer("latest", strict=True)
     return None
 
 
@@ -287,11 +382,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
     """Train ``cfg`` and return the final metrics; the only training loop in smallshot."""
     hooks = hooks or Hooks()
+    if hooks.lock and world()[0] == 0:
+        from trainers.locks import run_folder_lock
+
+        check_writable(cfg)
+        with run_folder_lock(cfg.run_dir):
+            return _fit(cfg, hooks, data)
+    return _fit(cfg, hooks, data)
+
+
+def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
     rank, world_size = world()
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    run_dir = prepare_run_dir(cfg, rank)
+    resume_dir = resume_source(cfg, hooks)
+    run_dir = prepare_run_dir(cfg, rank, resume_dir)
     _barrier()
     data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
@@ -302,6 +408,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
+    check_model_takes_data(cfg, built, data)
     if t.save_checkpoints and rank == 0:
         ensure_space(run_dir, built.module, cfg)
     train_split = data.train
@@ -314,7 +421,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
             policy="none", mixup_alpha=cfg.augment.mixup_alpha,
             cutmix_alpha=cfg.augment.cutmix_alpha), data.modality)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
-    if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
+    if resume_dir is None:  # a resumed run already carries the prepared weights
         create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
 
     full_batch = optimizer_spec(cfg.optim.name).full_batch
@@ -332,19 +439,21 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
 
     progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
                 "history": []}
-    resume_dir = resume_source(cfg, hooks)
+    metrics_file = run_dir / "metrics.jsonl"
     if resume_dir is not None:
-        if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
-            engine.load_model_state(torch.load(resume_dir / "model.pt", map_location="cpu",
-                                               weights_only=True))
-        else:
-            engine.load(resume_dir)
-        progress = json.loads((resume_dir / "progress.json").read_text())
+        progress = load_resume_state(engine, resume_dir)
+        if ((resume_dir / "result.json").is_file() and not progress.get("stopped_early")
+                and progress["global_step"] < total_steps):
+            raise CheckpointError(
+                f"train.resume: {resume_dir} is the end of a finished run ({progress['global_step']} "
+                f"steps; a finished run keeps no optimizer state), this config asks for "
+                f"{total_steps}; train a new run (train.resume=false) to train longer")
+        if rank == 0:
+            restore_metrics(metrics_file, progress["history"])
         print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
                f"{progress['global_step']})")
     history: list[dict[str, Any]] = progress["history"]
     mode_sign = 1.0 if t.mode == "max" else -1.0
-    metrics_file = run_dir / "metrics.jsonl"
     stopped_early = progress.get("stopped_early", False)
     best_ckpt: Path | None = ckpts.pointer("best")
 
@@ -445,8 +554,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     # final evaluation on the test split, with the best weights when validation chose them
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
-        state = torch.load(best_ckpt / "model.pt", map_location="cpu", weights_only=True)
-        engine.load_model_state(state)
+        load_weights(engine, best_ckpt / "model.pt")
     if history:
         final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
         if progress["best"] is not None:
@@ -458,7 +566,13 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     final["steps"] = progress["global_step"]
     summary = {"metrics": final, "stopped_early": stopped_early,
                "best_checkpoint": str(best_ckpt) if best_ckpt else None}
-    final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
+    final_dir = None
+    if t.save_checkpoints:
+        final_dir = write_final(run_dir, engine, progress, summary, rank)
+        if rank == 0:
+            ckpts.finish(final_dir)
+        best_ckpt = final_dir  # the step checkpoints are gone; final holds the tested weights
+        summary["best_checkpoint"] = str(final_dir)
     if rank == 0:
         _write_json(run_dir / "result.json", summary)
     if hooks.on_finish is not None:
@@ -467,16 +581,57 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
                      best_ckpt, stopped_early)
 
 
+def load_weights(engine, path: Path) -> None:
+    """Weights into the engine's model; weights of another architecture are a CheckpointError
+    naming the file and the first parameter that does not fit."""
+    from trainers.engines import _load
+
+    state = _load(path)
+    try:
+        engine.load_model_state(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit this run's model ({_first_mismatch(e)})"
+                              ) from None
+
+
+def _first_mismatch(e: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:] if "size mismatch" in ln or "Missing" in ln
+                   or "Unexpected" in ln), lines[0] if lines else type(e).__name__)
+    return detail[:200]
+
+
+def load_resume_state(engine, resume_dir: Path) -> dict[str, Any]:
+    """Weights (and optimizer state, unless the run had finished) and progress of a checkpoint."""
+    progress_file = resume_dir / "progress.json"
+    try:
+        progress = json.loads(progress_file.read_text())
+        progress["history"], progress["global_step"]  # noqa: B018 - the keys resume needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{progress_file}: missing or unreadable ({type(e).__name__}); "
+                              f"the checkpoint is incomplete") from None
+    if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
+        load_weights(engine, resume_dir / "model.pt")
+        return progress
+    try:
+        engine.load(resume_dir)
+    except RuntimeError as e:
+        raise CheckpointError(f"{resume_dir}: does not fit this run's model "
+                              f"({_first_mismatch(e)})") from None
+    return progress
+
+
 def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
                 rank: int) -> Path:
     """checkpoints/final: the weights the test metrics came from, a plain model.pt for export."""
     final_dir = run_dir / "checkpoints" / "final"
     tmp = run_dir / "checkpoints" / ".tmp-final"
-    state = engine.model_state()  # collective under ZeRO-3: every rank takes part
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(state, tmp / "model.pt")
+    _barrier()
+    engine.save_weights(tmp, rank)  # collective under DDP and ZeRO-3: every rank takes part
+    if rank == 0:
         _write_json(tmp / "progress.json", progress)
         _write_json(tmp / "result.json", summary)
         shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")

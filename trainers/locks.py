@@ -1,0 +1,55 @@
+"""One run per run folder: an advisory lock held for as long as a run writes there.
+
+Two runs of the same config (or the same ``train.run_name``) would otherwise interleave their
+metrics.jsonl rows and overwrite each other's checkpoints. The lock is ``flock`` on
+``<run folder>/.lock``: the kernel drops it when the process dies, so a crashed run never
+leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from trainers.errors import SmallshotError
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderBusy(SmallshotError):
+    """Another process is running in this run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock, or raise RunFolderBusy naming the process that holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            raise RunFolderBusy(f"run folder {run_dir} is in use by another run ({holder}); wait "
+                                f"for it to end, or set train.run_name=... to run beside it"
+                                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+        return f"pid {info['pid']}, since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
