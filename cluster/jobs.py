@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from trainers.errors import ClusterError, ConfigError
+from trainers.errors import ClusterError, ConfigError, SmallshotError
 
 if TYPE_CHECKING:  # ray is imported inside functions: `launch.py --help` must stay instant
     from ray.job_submission import JobSubmissionClient
@@ -168,6 +168,8 @@ def _cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
 
     try:
         yield
+    except SmallshotError:
+        raise
     except (requests.exceptions.Timeout, asyncio.TimeoutError, TimeoutError) as e:
         raise ClusterError(f"the Ray dashboard at {url} did not answer within "
                            f"{read_timeout_s():g} s ({type(e).__name__}); is the cluster "
@@ -198,6 +200,7 @@ def _cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
 def connect(address: str | None) -> tuple[JobSubmissionClient, str]:
     """A Jobs client for the cluster, authenticated when a token is configured."""
     url = resolve_address(address)
+    read_timeout_s()  # a malformed setting fails before anything is contacted
     _check_reachable(url)
     token = load_token()
     # Sent explicitly: Ray adds the header itself only when this process runs in token mode.

@@ -235,7 +235,7 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:  # reads the header only: the size is known before decoding
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: {im.width}x{im.height} pixels is larger than one image "
+                raise DataError(f"{path}: {im.width}x{im.height} pixels: larger than one image "
                                 f"may be ({MAX_IMAGE_PIXELS // 2**20} Mpixel); downscale it")
             if size is not None:
                 im.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode smaller
@@ -245,6 +245,9 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
             arr = np.asarray(im, dtype=np.uint8)
     except DataError:
         raise
+    except Image.DecompressionBombError as e:  # far above our own bound: Pillow refuses to open
+        raise DataError(f"{path}: larger than one image may be ({MAX_IMAGE_PIXELS // 2**20} "
+                        f"Mpixel): {str(e).split(',')[0]}; downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable image ({str(e).splitlines()[0][:200]})") from None

@@ -17,18 +17,34 @@ from trainers.errors import CheckpointError
 from trainers.models import load_state_file
 
 PROBE = """
-import json, ray
+import json, subprocess, time, ray
 from cluster.session import ensure_ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
-ensure_ray()
-print(json.dumps({"dashboard": ray._private.worker.get_dashboard_url(), "token": is_token_auth_enabled()}))
+ensure_ray(num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too, with its own gRPC server
+time.sleep(2)  # the agents open their ports after start-up
+import psutil
+me = psutil.Process()
+pids = {me.pid, *(c.pid for c in me.children(recursive=True))}
+listeners = []
+for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+    if any(f"pid={p}," in line for p in pids):
+        listeners.append({"address": line.split()[3], "process": line.split('"')[1]})
+print(json.dumps({"dashboard": ray._private.worker.get_dashboard_url(),
+                  "token": is_token_auth_enabled(), "listeners": listeners}))
 ray.shutdown()
 """
+LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
 
 
 @pytest.mark.ray
 def test_local_ray_binds_dashboard_to_localhost_with_token_auth(tmp_path):
-    """A Ray that smallshot starts listens on 127.0.0.1 only and demands a token."""
+    """A Ray that smallshot starts listens on loopback only (`ss -ltn`: GCS, raylet, agents,
+    workers, dashboard), demands a token, and keeps the token file private."""
+    import shutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "SMALLSHOT_DASHBOARD"))}
     env["HOME"] = str(tmp_path)  # Ray keeps its generated token under ~/.ray
@@ -38,9 +54,14 @@ def test_local_ray_binds_dashboard_to_localhost_with_token_auth(tmp_path):
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["dashboard"].startswith("127.0.0.1:"), info
     assert info["token"] is True
+    names = {item["process"] for item in info["listeners"]}
+    assert {"gcs_server", "raylet"} <= names, info["listeners"]  # the probe saw Ray's servers
+    exposed = [item for item in info["listeners"] if not item["address"].startswith(LOOPBACK)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
     token_file = tmp_path / ".ray" / "auth_token"
-    if token_file.is_file():  # the token itself never reaches our output
-        assert token_file.read_text().strip() not in out.stdout + out.stderr
+    assert token_file.is_file()
+    assert token_file.stat().st_mode & 0o777 == 0o600  # not readable by other users
+    assert token_file.read_text().strip() not in out.stdout + out.stderr  # never printed
 
 
 def test_job_entrypoint_passes_no_user_string_through_a_shell(tmp_path):

@@ -1,0 +1,119 @@
+"""One run folder, one writer, one consistent record: the lock, a SIGKILL inside a checkpoint
+write, and what a finished run leaves on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import launch
+from conftest import CONFIGS, ROOT
+
+TINY = str(CONFIGS / "tiny-digits.yaml")
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def test_second_run_on_a_busy_folder_refuses_and_appends_nothing(tmp_path, capsys):
+    args = ["train", TINY, f"train.output_dir={tmp_path}", "train.run_name=shared",
+            "train.epochs=40", "train.save_checkpoints=false"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=tmp_path,
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "shared"
+    try:
+        deadline = time.monotonic() + 120
+        while not rows(run) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert rows(run), "the first run never wrote a row"
+        before = (run / "metrics.jsonl").read_bytes()
+        code = launch.main(args)
+        err = capsys.readouterr().err
+        during = (run / "metrics.jsonl").read_bytes()
+    finally:
+        out, first_err = first.communicate(timeout=180)
+    assert code == 2 and "in use by another run (pid " in err, err
+    assert during.startswith(before)  # the refused run truncated and appended nothing
+    assert first.returncode == 0, first_err[-2000:]
+    history = rows(run)
+    assert [r["epoch"] for r in history] == [float(e) for e in range(1, 41)]  # once each
+    assert json.loads((run / "result.json").read_text())["metrics"]["epochs"] == 40
+
+
+KILL_IN_THIRD_CHECKPOINT = """
+import os, signal, sys
+import torch
+import launch
+from trainers import engines
+
+calls = []
+original = engines.Engine.save
+
+def save(self, folder, rank):
+    calls.append(folder)
+    if len(calls) == 3:  # half-way through writing the third checkpoint
+        torch.save(self.model_state(), folder / "model.pt")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, folder, rank)
+
+engines.Engine.save = save
+sys.exit(launch.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_inside_a_checkpoint_write_then_resume_repeats_no_row(tmp_path):
+    common = ["train", TINY, f"train.output_dir={tmp_path}", "train.epochs=5"]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_THIRD_CHECKPOINT, *common,
+                             "train.run_name=killed"], cwd=tmp_path, env=env(),
+                            capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert [r["epoch"] for r in rows(run)] == [1.0, 2.0, 3.0]  # row 3 written, its checkpoint not
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-0000014"  # epoch 2 stays the latest
+    assert list(ckpts.glob(".tmp-*")), "the killed write left its temporary folder"
+
+    assert launch.main([*common, "train.run_name=killed", "train.resume=true"]) == 0
+    assert launch.main([*common, "train.run_name=steady"]) == 0
+    resumed, steady = rows(run), rows(tmp_path / "steady")
+    assert [r["epoch"] for r in resumed] == [1.0, 2.0, 3.0, 4.0, 5.0]  # epoch 3 once, redone
+    assert [r["val/accuracy"] for r in resumed] == [r["val/accuracy"] for r in steady]
+    result = json.loads((run / "result.json").read_text())["metrics"]
+    assert result == pytest.approx(json.loads((tmp_path / "steady" / "result.json").read_text())[
+        "metrics"], abs=1e-9)
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_finished_minilm_run_keeps_one_copy_of_its_weights(tmp_path):
+    """A 2-step MiniLM run: only checkpoints/final (the tested weights) stays, once."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train.tsv").write_text("label\ttext\n" + "".join(
+        f"{i % 2}\t{'good' if i % 2 else 'bad'} movie number {i}\n" for i in range(16)))
+    args = ["train", TINY, "data.format=text", f"data.root={root}", "model.name=minilm",
+            "data.shots=4", "data.val_shots=2", "data.test_split=null", "data.max_length=16",
+            "train.batch_size=4", "train.max_steps=2", "train.epochs=1", "train.eval_every=1",
+            "data.mean=[0.5]", "data.std=[0.5]", f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=minilm"]
+    assert launch.main(args) == 0
+    run = tmp_path / "runs" / "minilm"
+    files = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*") if p.is_file()}
+    weights = files["checkpoints/final/model.pt"]
+    total = sum(files.values())
+    print(f"\nMiniLM 2-step run folder: {total / 2**20:.1f} MiB (weights {weights / 2**20:.1f} MiB)")
+    assert not [f for f in files if f.startswith("checkpoints/step-")]
+    assert not [f for f in files if f.endswith("engine.pt")]
+    assert total < 1.1 * weights  # one copy of the weights, plus small records
