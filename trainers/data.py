@@ -146,6 +146,10 @@ def _delimited_rows(path: Path, raw: str, required: tuple[str, ...]) -> list[tup
             continue
         if header is None:
             header = values
+            twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+            if twice is not None:  # zip() would keep the last one silently
+                raise DataError(f"{path} line {line}: column {twice!r} appears twice in the "
+                                f"header")
             for col in required:
                 if col not in header:
                     raise DataError(f"{path} line {line}: missing column {col!r} (columns: "
