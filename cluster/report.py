@@ -263,8 +263,9 @@ def plot_learning_curves(rep: Report, out: Path, top: int = 5) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(rows):
-        pts = [(h["training_iteration"], h[rep.metric]) for h in r.history
-               if isinstance(h.get(rep.metric), (int, float)) and not h.get("finished")]
+        # the final row carries the best value under the metric's name, the curve its own
+        pts = [(h["training_iteration"], h.get(f"last_{rep.metric}", h[rep.metric]))
+               for h in r.history if isinstance(h.get(rep.metric), (int, float))]
         if not pts:
             continue
         label = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.params.items())

@@ -186,10 +186,9 @@ def train_worker(config: dict[str, Any]) -> None:
     def finish(metrics: dict[str, Any], folder: Path | None) -> None:
         from ray.train import Checkpoint
 
-        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        best = metrics.get(f"best_{cfg.train.monitor}")
-        if best is not None:
-            row[cfg.train.monitor] = best  # the final checkpoint ranks by the best value seen
+        from trainers.loop import final_report
+
+        row = final_report(metrics, cfg.train.monitor)  # the final checkpoint ranks by the best
         row["finished"] = 1  # not "done": Tune reads that key as "stop this trial"
         send = folder is not None and rank == 0
         ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)

@@ -458,9 +458,10 @@ def expected_iterations(cfg: RunConfig) -> int:
     if cfg.data.folds > 1:
         return cfg.data.folds
     t = cfg.train
-    if t.eval_every:
-        return math.ceil(t.max_steps / t.eval_every) + 2 if t.max_steps else 10_000
-    return t.epochs + 1  # one report per epoch, then the final row
+    start = int(t.eval_at_start)
+    if t.eval_every:  # the last report may come after a partial interval
+        return math.ceil(t.max_steps / t.eval_every) + start if t.max_steps else 10_000
+    return max(t.epochs + start, 1)  # one report per evaluation, the last with the final metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,21 +574,14 @@ def _run_once(cfg: RunConfig, trial_id: str) -> None:
         if result.error is not None:
             raise result.error
         return
-    from trainers.loop import Hooks, fit
-
-    last: dict[str, Any] = {}
+    from trainers.loop import Hooks, final_report, fit
 
     def on_evaluation(row: dict[str, Any], _folder: Path | None) -> None:
-        last.update(row)
         tune.report(_numeric(row))
 
     def on_finish(metrics: dict[str, Any], _folder: Path | None) -> None:
-        # the same final row a Ray Train worker sends: the best value of the monitored metric
-        row = {**_numeric(last), **_numeric(metrics)}
-        best = metrics.get(f"best_{cfg.train.monitor}")
-        if best is not None:
-            row[cfg.train.monitor] = best
-        tune.report(row)
+        # the run's last evaluation, once, as the same final row a Ray Train worker sends
+        tune.report(final_report(metrics, cfg.train.monitor))
 
     fit(cfg, Hooks(on_evaluation=on_evaluation, on_finish=on_finish))
 

@@ -78,7 +78,7 @@ def test_report_lists_failures_exports_best_and_tests_only_at_the_end(tmp_path: 
     assert [r.status for r in rep.rows] == ["TERMINATED", "TERMINATED", "ERROR", "ERROR"]
     assert all(r.params["data.shots"] == 500 and "data.shots=500" in r.error
                for r in rep.rows[2:]), [r.error for r in rep.rows]
-    assert all(r.iterations == 4 and r.gpu_hours == 0.0 and r.time_s > 0 for r in rep.rows[:2])
+    assert all(r.iterations == 3 and r.gpu_hours == 0.0 and r.time_s > 0 for r in rep.rows[:2])
     assert rep.rows[0].score >= rep.rows[1].score
     with (sweep / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))

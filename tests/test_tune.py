@@ -242,9 +242,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) 
         record = json.loads((sweep / "runs" / t / "trial.json").read_text())
         assert record["started"] == started[t]
         assert (sweep / t / "result.json").read_text() == reports[t]
-    for t in after:  # every trial has its full results: 3 epochs + the final row
+    for t in after:  # every trial has its full results: 3 epochs, each reported once
         rows = (sweep / t / "result.json").read_text().splitlines()
-        assert json.loads(rows[-1])["training_iteration"] == 4
+        assert json.loads(rows[-1])["training_iteration"] == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,14 +274,14 @@ def test_asha_sweep_of_eight_trials_stops_bad_ones_and_never_reads_test(tmp_path
         lo, hi = (1e-4, 1) if run_cfg.optim.name == "sgd" else (1e-6, 1e-1)
         assert lo <= run_cfg.optim.lr <= hi
     assert len(iterations) == 8
-    assert max(iterations.values()) == 5  # 4 epochs + the final row
-    assert min(iterations.values()) < 5, f"ASHA stopped nothing: {iterations}"
+    assert max(iterations.values()) == 4  # 4 epochs, each reported once
+    assert min(iterations.values()) < 4, f"ASHA stopped nothing: {iterations}"
 
     from cluster.report import write_report
 
     rep = write_report(sweep, final=False)
     assert len(rep.rows) == 8 and rep.rows[0].score is not None
-    assert any(r.iterations < 5 for r in rep.rows)
+    assert any(r.iterations < 4 for r in rep.rows)
     assert (sweep / "leaderboard.csv").read_text().count("\n") == 9
     assert {p.name for p in rep.plots} == {"metric_vs_optim_lr.png", "learning_curves.png",
                                            "rung_survival.png"}

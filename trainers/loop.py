@@ -464,8 +464,11 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
     t0 = time.perf_counter()
     window_loss, window_n = 0.0, 0
 
-    def run_evaluation(epoch_float: float) -> bool:
-        """Evaluate, log, checkpoint, report; True when early stopping says stop."""
+    def run_evaluation(epoch_float: float, last: bool) -> bool:
+        """Evaluate, log, checkpoint, report; True when early stopping says stop.
+
+        The run's last evaluation is not reported here: on_finish reports it once, together
+        with the final metrics (a launcher would otherwise see that row twice)."""
         nonlocal best_ckpt, window_loss, window_n
         if world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
             sums = torch.tensor([window_loss, float(window_n)], dtype=torch.float64)
@@ -499,14 +502,15 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
             ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
             if improved or value is None:
                 best_ckpt = ckpt
-        if hooks.on_evaluation is not None:
+        if hooks.on_evaluation is not None and not (last or stop):
             hooks.on_evaluation(row, ckpt)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
                          if k in ("train/loss", t.monitor)})
         return stop
 
     if (t.eval_at_start or total_steps == 0) and progress["global_step"] == 0 and not history:
-        stopped_early = run_evaluation(0.0)  # epochs=0 scores what the strategy prepared
+        # epochs=0 scores what the strategy prepared
+        stopped_early = run_evaluation(0.0, last=total_steps == 0)
     engine.train(True)
     while not stopped_early and progress["global_step"] < total_steps:
         epoch = progress["epoch"]
@@ -546,7 +550,7 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
             due = ((stepped and t.eval_every and progress["global_step"] % t.eval_every == 0)
                    or (last and not t.eval_every) or (stepped and at_end))
             if due:
-                stopped_early = run_evaluation(epoch + (m + 1) / n_micro)
+                stopped_early = run_evaluation(epoch + (m + 1) / n_micro, last=at_end)
             if stopped_early or at_end:
                 break
     bar.close()
@@ -575,10 +579,24 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
         summary["best_checkpoint"] = str(final_dir)
     if rank == 0:
         _write_json(run_dir / "result.json", summary)
-    if hooks.on_finish is not None:
-        hooks.on_finish(final, final_dir)
+    if hooks.on_finish is not None:  # the last evaluation's row with the final metrics
+        hooks.on_finish({**(history[-1] if history else {}), **final}, final_dir)
     return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
                      best_ckpt, stopped_early)
+
+
+def final_report(metrics: dict[str, Any], monitor: str) -> dict[str, float]:
+    """The numbers a launcher reports once at the end of a run: the last evaluation's row and
+    the final metrics, with ``monitor`` set to the best value seen (the final weights are the
+    best checkpoint's) and the last evaluation's own value kept as ``last_<monitor>``."""
+    row = {k: v for k, v in metrics.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    best = metrics.get(f"best_{monitor}")
+    if best is not None:
+        if monitor in row:
+            row[f"last_{monitor}"] = row[monitor]
+        row[monitor] = best
+    return row
 
 
 def load_weights(engine, path: Path) -> None:
