@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainers import augmenting
+from trainers import augmenting, io
+from trainers.batches import Batcher, epoch_order, make_train_batch, seed_step, step_seed
+from trainers.checkpoints import (Checkpoints, barrier, check_writable, ensure_space, load_into,
+                                  load_resume_state, prepare_run_dir, restore_metrics,
+                                  write_final)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import create_engine, pick_device, world
@@ -65,78 +66,6 @@ def print0(*args: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Batches
-
-
-class Batcher:
-    """Turns examples into model inputs on the device: tokenises text, normalises images."""
-
-    def __init__(self, cfg: RunConfig, built: BuiltModel, device: torch.device):
-        self.cfg = cfg
-        self.tokenizer = built.tokenizer
-        self.device = device
-        d = cfg.data
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
-
-    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.cfg.data.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device),
-                "attention_mask": enc["attention_mask"].to(self.device)}
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def inputs(self, split: Split, idx: list[int]) -> dict[str, torch.Tensor]:
-        if isinstance(split.inputs, torch.Tensor):
-            x = split.inputs[torch.as_tensor(idx)].to(self.device, non_blocking=True)
-            return {"pixels": self.images(x)}
-        return self.texts([split.inputs[i] for i in idx])
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """The example order of one epoch for one rank: a shared shuffle, strided over ranks."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if world_size > 1:  # pad so every rank takes the same number of steps
-        order += order[: (-len(order)) % world_size]
-        order = order[rank::world_size]
-    return order
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 2_147_483 + step * 7919 + rank * 104_729) % (2 ** 63)
-
-
-def seed_step(seed: int, device: torch.device) -> None:
-    # torch.manual_seed also walks every lazily seeded accelerator (~250 µs a call on a CUDA
-    # build without a GPU); seeding only the generators this step uses costs ~5 µs
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-
-
-def make_train_batch(split: Split, idx: list[int], batcher: Batcher, augment, num_classes: int,
-                     seed: int, device: torch.device) -> tuple[dict[str, torch.Tensor],
-                                                              torch.Tensor]:
-    """Inputs and targets of one training micro batch, augmented online when asked."""
-    targets = split.labels[torch.as_tensor(idx)].to(device)
-    if augment is None:
-        return batcher.inputs(split, idx), targets
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if isinstance(split.inputs, torch.Tensor):
-        x = augment.images(split.inputs[torch.as_tensor(idx)].to(device), gen)
-        x, targets = augment.mix(x, targets, num_classes, gen)
-        return {"pixels": batcher.images(x)}, targets
-    texts = augment.texts([split.inputs[i] for i in idx], random.Random(seed))
-    inputs = batcher.texts(texts)
-    inputs["input_ids"] = augment.tokens(inputs["input_ids"], inputs["attention_mask"], gen,
-                                         batcher.tokenizer.mask_token_id)
-    return inputs, targets
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -160,179 +89,7 @@ def evaluate(engine, batcher: Batcher, split: Split, num_classes: int, batch_siz
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class Checkpoints:
-    """checkpoints/step-NNNNNNN folders plus `latest`/`best` pointer files; keeps last + best."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.root = run_dir / "checkpoints"
-        self.rank = rank
-
-    def pointer(self, name: str, strict: bool = False) -> Path | None:
-        """The checkpoint a pointer file names; with ``strict``, a pointer to a checkpoint that
-        is gone is an error (resuming would silently start over)."""
-        p = self.root / name
-        if not p.is_file():
-            return None
-        step = p.read_text().strip()
-        target = self.root / step
-        if target.is_dir() and target.parent == self.root:
-            return target
-        if strict:
-            raise CheckpointError(f"{p}: names checkpoint {step!r}, which is not in {self.root}; "
-                                  f"restore it, or start over without train.resume=true")
-        return None
-
-    def save(self, engine, progress: dict[str, Any], best: bool,
-             barrier: Callable[[], None]) -> Path:
-        name = f"step-{progress['global_step']:07d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        tmp.mkdir(parents=True, exist_ok=True)  # every node, shared filesystem or not
-        engine.save(tmp, self.rank)
-        barrier()
-        if self.rank == 0:
-            _write_json(tmp / "progress.json", progress)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            _write_json_text(self.root / "latest", name)
-            if best:
-                _write_json_text(self.root / "best", name)
-            self._prune({name, *(p.name for p in (self.pointer("best"),) if p)}, name)
-        barrier()
-        if self.rank != 0 and tmp.is_dir():  # a node without rank 0 (no shared filesystem)
-            try:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            except OSError:
-                pass  # another rank of this node renamed it first
-        barrier()
-        return final
-
-    def _prune(self, keep: set[str], latest: str) -> None:
-        for p in self.root.glob("step-*"):
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.name != latest:  # kept as best only: resume never needs its optimizer state
-                strip_resume_state(p)
-
-    def finish(self, final: Path) -> None:
-        """A finished run keeps one checkpoint: ``final`` (what was tested, and what a resume
-        of the finished run loads); the step checkpoints it came from go."""
-        _write_json_text(self.root / "latest", final.name)
-        (self.root / "best").unlink(missing_ok=True)
-        for p in self.root.glob("step-*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def strip_resume_state(folder: Path) -> None:
-    """Drop what only resuming needs (optimizer/scheduler state, DeepSpeed shards)."""
-    (folder / "engine.pt").unlink(missing_ok=True)
-    shutil.rmtree(folder / "deepspeed", ignore_errors=True)
-
-
-def _write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def check_writable(cfg: RunConfig) -> Path:
-    run_dir = cfg.run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise SmallshotError(f"train.output_dir={cfg.train.output_dir!r}: cannot write run "
-                             f"folder {run_dir} ({e.strerror or e})") from None
-    return run_dir
-
-
-# What a resumed run may change: how long and how it runs, not what it trains
-RESUMABLE_CHANGES = ("train.",)
-
-
-def check_resumable(cfg: RunConfig, resume_dir: Path) -> None:
-    """Refuse to resume a checkpoint written by another config (another model, data, optimizer):
-    its weights or optimizer state would not fit, or fit and mean something else."""
-    saved = cfg.run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    from trainers.config import load_config
-
-    try:
-        before = load_config(saved, check_paths=False).to_dict()
-    except SmallshotError:
-        return  # an unreadable record: the weights' own shapes are checked when they load
-    now = cfg.to_dict()
-    diff = [f"{section}.{k}" for section in ("data", "model", "optim", "augment")
-            for k in sorted(set(before[section]) | set(now[section]))
-            if before[section].get(k) != now[section].get(k)]
-    if diff:
-        raise CheckpointError(f"train.resume: {resume_dir} was written by a run whose "
-                              f"{', '.join(diff[:3])} differ from this config (see {saved}); "
-                              f"resume with the same config or choose another train.run_name")
-
-
-def prepare_run_dir(cfg: RunConfig, rank: int, resume_dir: Path | None) -> Path:
-    """Create the run folder (checking it is writable) and save the resolved config.
-
-    A fresh run clears what an earlier run left there; a resumed one rewrites metrics.jsonl
-    from the checkpoint's own history, so that rows written after that checkpoint (a crash
-    between an evaluation and its checkpoint) are not repeated when they are redone.
-    """
-    run_dir = cfg.run_dir
-    if rank == 0:
-        check_writable(cfg)
-        if resume_dir is None:
-            for stale in ("checkpoints", "metrics.jsonl", "result.json"):
-                p = run_dir / stale
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        else:
-            check_resumable(cfg, resume_dir)
-        cfg.save(run_dir / "config.yaml")
-    return run_dir
-
-
-def restore_metrics(metrics_file: Path, history: list[dict[str, Any]]) -> None:
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, metrics_file)
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
-
-
-def ensure_space(run_dir: Path, module: torch.nn.Module, cfg: RunConfig) -> None:
-    """Refuse to start when the disk cannot hold the checkpoints this run will write."""
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    # last + best + final, each weights plus up to two optimizer moments, plus slack for a rename
-    needed = int(weights * 3 * 3 * 1.1)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise SmallshotError(
-            f"train.output_dir={cfg.train.output_dir!r}: {free / 2**20:.1f} MiB free on that disk, "
-            f"checkpoints of this model need about {needed / 2**20:.1f} MiB; free space, choose "
-            f"another train.output_dir or set train.save_checkpoints=false")
 
 
 @torch.no_grad()
@@ -398,7 +155,7 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
         torch.set_num_threads(t.num_threads)
     resume_dir = resume_source(cfg, hooks)
     run_dir = prepare_run_dir(cfg, rank, resume_dir)
-    _barrier()
+    barrier()
     data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
         save_label_map(data, run_dir)
@@ -499,7 +256,7 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
                 f.write(json.dumps(row) + "\n")
         ckpt = None
         if t.save_checkpoints:
-            ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
+            ckpt = ckpts.save(engine, progress, best=improved or value is None)
             if improved or value is None:
                 best_ckpt = ckpt
         if hooks.on_evaluation is not None and not (last or stop):
@@ -558,7 +315,7 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
     # final evaluation on the test split, with the best weights when validation chose them
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
-        load_weights(engine, best_ckpt / "model.pt")
+        load_into(engine, best_ckpt / "model.pt")
     if history:
         final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
         if progress["best"] is not None:
@@ -578,98 +335,11 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
         best_ckpt = final_dir  # the step checkpoints are gone; final holds the tested weights
         summary["best_checkpoint"] = str(final_dir)
     if rank == 0:
-        _write_json(run_dir / "result.json", summary)
+        io.write_json(run_dir / "result.json", summary)
     if hooks.on_finish is not None:  # the last evaluation's row with the final metrics
         hooks.on_finish({**(history[-1] if history else {}), **final}, final_dir)
     return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
                      best_ckpt, stopped_early)
 
 
-def final_report(metrics: dict[str, Any], monitor: str) -> dict[str, float]:
-    """The numbers a launcher reports once at the end of a run: the last evaluation's row and
-    the final metrics, with ``monitor`` set to the best value seen (the final weights are the
-    best checkpoint's) and the last evaluation's own value kept as ``last_<monitor>``."""
-    row = {k: v for k, v in metrics.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    best = metrics.get(f"best_{monitor}")
-    if best is not None:
-        if monitor in row:
-            row[f"last_{monitor}"] = row[monitor]
-        row[monitor] = best
-    return row
 
-
-def load_weights(engine, path: Path) -> None:
-    """Weights into the engine's model; weights of another architecture are a CheckpointError
-    naming the file and the first parameter that does not fit."""
-    from trainers.engines import _load
-
-    state = _load(path)
-    try:
-        engine.load_model_state(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit this run's model ({_first_mismatch(e)})"
-                              ) from None
-
-
-def _first_mismatch(e: RuntimeError) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    detail = next((ln for ln in lines[1:] if "size mismatch" in ln or "Missing" in ln
-                   or "Unexpected" in ln), lines[0] if lines else type(e).__name__)
-    return detail[:200]
-
-
-def load_resume_state(engine, resume_dir: Path) -> dict[str, Any]:
-    """Weights (and optimizer state, unless the run had finished) and progress of a checkpoint."""
-    progress_file = resume_dir / "progress.json"
-    try:
-        progress = json.loads(progress_file.read_text())
-        progress["history"], progress["global_step"]  # noqa: B018 - the keys resume needs
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{progress_file}: missing or unreadable ({type(e).__name__}); "
-                              f"the checkpoint is incomplete") from None
-    if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
-        load_weights(engine, resume_dir / "model.pt")
-        return progress
-    try:
-        engine.load(resume_dir)
-    except RuntimeError as e:
-        raise CheckpointError(f"{resume_dir}: does not fit this run's model "
-                              f"({_first_mismatch(e)})") from None
-    return progress
-
-
-def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
-                rank: int) -> Path:
-    """checkpoints/final: the weights the test metrics came from, a plain model.pt for export."""
-    final_dir = run_dir / "checkpoints" / "final"
-    tmp = run_dir / "checkpoints" / ".tmp-final"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save_weights(tmp, rank)  # collective under DDP and ZeRO-3: every rank takes part
-    if rank == 0:
-        _write_json(tmp / "progress.json", progress)
-        _write_json(tmp / "result.json", summary)
-        shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
-    _barrier()
-    return final_dir
-
-
-def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:
-    """A plain model with a checkpoint's weights (for evaluation or export)."""
-    built = create_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}),
-                         num_classes)
-    path = Path(ckpt) / "model.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        built.module.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit model.name={cfg.model.name!r} "
-                              f"({str(e).splitlines()[0][:160]})") from None
-    return built

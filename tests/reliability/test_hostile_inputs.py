@@ -11,7 +11,6 @@ are below the table.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -27,7 +26,7 @@ import pytest
 
 import launch
 from conftest import CONFIGS
-from test_bad_inputs import HEADER, _images, _text_dataset
+from test_bad_inputs import _images
 from test_bad_inputs import cases as first_cases
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
@@ -124,7 +123,6 @@ def cases(tmp: Path, finished: Path, listener: str) -> list[tuple[str, list[str]
     def on(ds_root: Path, *extra: str) -> list[str]:
         return ["train", TINY, *TEXT, f"data.root={ds_root}", *extra]
 
-    rows4 = "0\tn\tbad\n1\tp\tgood\n0\tn\tawful\n1\tp\tgreat\n"
     ds = {
         "unterminated": text_ds("unterminated", {"train.csv": 'label,text\n0,"bad\n1,good\n0,x\n1,y\n'}),
         "stray_quote": text_ds("stray", {"train.csv": 'label,text\n0,a\n1,"b"c\n'}),
