@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from trainers import io
 from trainers.checks import check_names
@@ -240,8 +239,8 @@ def parse_dist(text: Any, where: str) -> Dist:
     kind = m.group(1).lower()
     spec = DISTRIBUTIONS.get(kind, field=where)
     try:
-        args = yaml.safe_load(f"[{m.group(2)}]")
-    except yaml.YAMLError:
+        args = io.parse_yaml(f"[{m.group(2)}]", where)
+    except ConfigError:
         raise ConfigError(f"{where}: cannot read the arguments of {text!r}") from None
     if not spec.categorical:
         args = [_as_number(a) for a in args]
@@ -680,7 +679,8 @@ def _short(v: Any) -> str:
 
 def sweep_dir_of(cfg: RunConfig) -> Path:
     """<train.output_dir>/sweeps/<tune.name or recipe name>, absolute."""
-    return Path(os.path.abspath(cfg.train.output_dir)) / "sweeps" / (cfg.tune.name or cfg.name)
+    name, field = (cfg.tune.name, "tune.name") if cfg.tune.name else (cfg.name, "name")
+    return io.child_path(Path(os.path.abspath(cfg.train.output_dir)) / "sweeps", name, field)
 
 
 def _sweep_config(cfg: RunConfig) -> RunConfig:

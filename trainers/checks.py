@@ -46,8 +46,23 @@ def check_files(cfg: RunConfig) -> None:
                                   f"(paths are relative to the current folder {os.getcwd()})")
 
 
+def check_path_names(cfg: RunConfig) -> None:
+    """Names that become files or folders stay inside the folder they are meant for."""
+    from trainers import io
+
+    io.check_name(cfg.name, "name")
+    if cfg.train.run_name is not None:
+        io.check_name(cfg.train.run_name, "train.run_name", nested=True)
+    if cfg.tune.name is not None:
+        io.check_name(cfg.tune.name, "tune.name")
+    io.check_name(cfg.data.train_split, "data.train_split", itself=True)  # '.': root itself
+    if cfg.data.test_split is not None:
+        io.check_name(cfg.data.test_split, "data.test_split", itself=True)
+
+
 def check_run(cfg: RunConfig, *, paths: bool = True) -> None:
     """All of the above: what ``load_config`` runs after the types and ranges passed."""
+    check_path_names(cfg)
     if paths:
         check_files(cfg)
     check_names(cfg)

@@ -257,7 +257,10 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.train.output_dir) / (self.train.run_name or f"{self.name}-{self.digest()}")
+        if self.train.run_name:  # a/b is allowed (k-fold runs live in <trial>/fold-<i>)
+            return io.child_path(self.train.output_dir, self.train.run_name, "train.run_name",
+                                 nested=True)
+        return io.child_path(self.train.output_dir, f"{self.name}-{self.digest()}", "name")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config (atomically: a crash never leaves half a file)."""

@@ -95,6 +95,7 @@ def check_data(cfg: DataConfig) -> Loader:
 
 
 def _split_file(root: Path, split: str) -> Path | None:
+    io.check_name(split, "data split name", itself=True)
     for suffix in TEXT_SUFFIXES:
         p = root / f"{split}{suffix}"
         if p.is_file():
@@ -287,7 +288,8 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
     splits: dict[str, Split] = {}
     classes: list[str] | None = None
     for split in [s for s in (cfg.train_split, cfg.test_split) if s]:
-        split_root = root / split if (root / split).is_dir() else None
+        folder = io.child_path(root, split, "data split name", itself=True)
+        split_root = folder if folder.is_dir() else None
         if split_root is None:
             if split == cfg.train_split and not cfg.test_split:
                 split_root = root  # a single folder of classes; the test set is the remainder

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from trainers import io
 from trainers.config import RunConfig, build_dataclass, set_dotted
 from trainers.errors import ConfigError
 
@@ -61,15 +62,13 @@ def _line_of(raw: Any, dotted: str) -> int | None:
 
 
 def parse_yaml(text: str, source: str) -> Any:
+    """io.parse_yaml (safe, bounded) with the line of every key kept for messages."""
     try:
-        return yaml.load(text, Loader=_LineLoader)
+        return io.parse_yaml(text, source, loader=_LineLoader)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+        if str(e).startswith("line "):  # raised while building a mapping: name the file too
+            raise ConfigError(f"{source}: {e}") from None
+        raise
 
 
 def parse_override(item: str) -> tuple[str, Any]:
