@@ -9,7 +9,6 @@ every command and by the search-space validation for every value a sweep can dra
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from trainers.config import RunConfig
@@ -42,8 +41,9 @@ def check_files(cfg: RunConfig) -> None:
                 continue
             value = getattr(section, f.name)
             if value and not Path(value).exists():
-                raise ConfigError(f"{name}.{f.name}: {value!r} does not exist "
-                                  f"(paths are relative to the current folder {os.getcwd()})")
+                raise ConfigError(f"{name}.{f.name}: {value!r} does not exist (a recipe's "
+                                  f"relative paths are read from the recipe's folder, an "
+                                  f"override's from the current folder)")
 
 
 def check_path_names(cfg: RunConfig) -> None:

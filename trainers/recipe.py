@@ -104,11 +104,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raw.setdefault("name", p.stem)
     lines_src = raw
     raw = _plain(raw)
+    if path is not None:  # a recipe's own relative paths mean: next to the recipe
+        resolve_paths(raw, Path(path).resolve().parent)
     given: dict[str, str] = {}
     for item in overrides or []:
         key, value = parse_override(item)
+        value = resolve_paths({key: value}, Path.cwd(), dotted=True)[key]  # the shell's folder
         set_dotted(raw, key, value, f"override {item!r}", RunConfig)
         given[key] = item
+    _absolute_outputs(raw)
     try:
         cfg = build_dataclass(RunConfig, raw, "")
     except ConfigError as e:
@@ -120,6 +124,54 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except ConfigError as e:
         raise ConfigError(_located(str(e), given, lines_src, source)) from None
     return cfg
+
+
+def _path_fields() -> set[str]:
+    """Dotted names of the fields the config marks as paths (data.root, model.weights)."""
+    import dataclasses
+    import typing
+
+    return {f"{name}.{f.name}" for name, section in typing.get_type_hints(RunConfig).items()
+            if dataclasses.is_dataclass(section) for f in dataclasses.fields(section)
+            if f.metadata.get("path")}
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(base / os.path.expanduser(value))
+
+
+def resolve_paths(raw: dict[str, Any], base: Path, *, dotted: bool = False) -> dict[str, Any]:
+    """Relative path fields of ``raw`` (sections, or dotted keys) made absolute against
+    ``base``; so is the folder inside ``model.name: hf:<folder>``."""
+    for key in [*_path_fields(), "model.name"]:
+        section, field = key.split(".")
+        holder = raw if dotted else raw.get(section)
+        name = key if dotted else field
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        value = holder[name]
+        if key == "model.name":
+            if isinstance(value, str) and value.startswith("hf:"):
+                holder[name] = "hf:" + str(_absolute(value[3:], base))
+        else:
+            holder[name] = _absolute(value, base)
+    return raw
+
+
+def _absolute_outputs(raw: dict[str, Any]) -> None:
+    """Output folders stay relative to where the command runs (like any CLI's outputs), but
+    the saved config names them absolutely, so it reads the same from any folder."""
+    for section, key in (("train", "output_dir"), ("scaling", "storage_path")):
+        part = raw.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            part[key] = _absolute(part[key], Path.cwd())
+    train = raw.setdefault("train", {}) if isinstance(raw.get("train", {}), dict) else None
+    if train is not None and "output_dir" not in train:
+        from trainers.config import TrainConfig
+
+        train["output_dir"] = _absolute(TrainConfig().output_dir, Path.cwd())
 
 
 def _located(msg: str, given: dict[str, str], lines_src: Any, source: str) -> str:

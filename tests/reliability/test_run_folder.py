@@ -117,3 +117,33 @@ def test_finished_minilm_run_keeps_one_copy_of_its_weights(tmp_path):
     assert not [f for f in files if f.startswith("checkpoints/step-")]
     assert not [f for f in files if f.endswith("engine.pt")]
     assert total < 1.1 * weights  # one copy of the weights, plus small records
+
+
+def test_recipe_paths_resolve_against_the_recipe_and_are_saved_resolved(tmp_path, monkeypatch):
+    """A recipe that names its data relatively runs from any folder; config.yaml keeps the
+    resolved paths, so the saved config runs from anywhere too."""
+    from test_bad_inputs import _images
+
+    from trainers.recipe import load_config
+
+    _images(tmp_path / "project" / "images", [(8, 8)] * 8)
+    recipe = tmp_path / "project" / "recipes" / "r.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("name: rel\ndata:\n  format: image_folder\n  root: ../images\n"
+                      "  test_split: null\n  shots: 2\n  val_shots: 1\n  channels: 3\n"
+                      "  mean: [0.5, 0.5, 0.5]\n  std: [0.5, 0.5, 0.5]\n"
+                      "model:\n  name: mlp:192\ntrain:\n  epochs: 1\n  progress: false\n"
+                      "  output_dir: out\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert launch.main(["train", str(recipe), "train.run_name=r"]) == 0
+    run = elsewhere / "out" / "r"  # outputs stay relative to where the command ran
+    saved = load_config(run / "config.yaml")
+    assert saved.data.root == str(tmp_path / "project" / "images")
+    assert saved.train.output_dir == str(elsewhere / "out")
+    monkeypatch.chdir(tmp_path)  # the saved config needs no particular folder
+    assert load_config(run / "config.yaml").data.root == saved.data.root
+    # an override's relative path means the shell's folder, as on any command line
+    cfg = load_config(recipe, ["data.root=project/images"])
+    assert cfg.data.root == str(tmp_path / "project" / "images")
