@@ -42,15 +42,20 @@ def _images(root: Path, sizes: list[tuple[int, int]], modes: list[str] | None = 
 HEADER = "label\tlabel_text\ttext\n"
 
 
-def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
-    """(what, argv, text the one-line message must contain)."""
-    r = tmp / "recipes"
-    r.mkdir()
+def recipe_writer(folder: Path):
+    """recipe(name, text) -> the path of a recipe file written into ``folder``."""
+    folder.mkdir()
 
     def recipe(name: str, text: str | bytes) -> str:
-        p = r / name
+        p = folder / name
         p.write_bytes(text if isinstance(text, bytes) else text.encode())
         return str(p)
+    return recipe
+
+
+def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(what, argv, text the one-line message must contain)."""
+    recipe = recipe_writer(tmp / "recipes")
 
     text_ok = HEADER + "0\tn\tbad\n1\tp\tgood\n0\tn\tawful\n1\tp\tgreat\n"
     ds = {

@@ -26,7 +26,7 @@ import pytest
 
 import launch
 from conftest import CONFIGS
-from test_bad_inputs import _images
+from test_bad_inputs import _images, recipe_writer
 from test_bad_inputs import cases as first_cases
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
@@ -105,13 +105,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def cases(tmp: Path, finished: Path, listener: str) -> list[tuple[str, list[str], str]]:
     """(what, argv, text the one-line message must contain)."""
-    r = tmp / "recipes"
-    r.mkdir()
-
-    def recipe(name: str, text: str | bytes) -> str:
-        p = r / name
-        p.write_bytes(text if isinstance(text, bytes) else text.encode())
-        return str(p)
+    recipe = recipe_writer(tmp / "recipes")
 
     def text_ds(name: str, files: dict[str, str]) -> Path:
         root = tmp / name
