@@ -76,7 +76,9 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     import torch
 
     torch.save({"state_dict": {"conv1.weight": torch.zeros(3, 3)}}, weights_wrong)
-    text = ["data.format=text", "model.name=minilm", "data.shots=1", "data.test_split=null"]
+    # model.params={}: tiny-digits' params belong to its mlp, not to the models swapped in here
+    text = ["data.format=text", "model.name=minilm", "model.params={}", "data.shots=1",
+            "data.test_split=null"]
 
     def on(ds_root: Path, *extra: str) -> list[str]:
         return ["train", TINY, *text, f"data.root={ds_root}", *extra]
@@ -129,9 +131,9 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
                           "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
          "broken.jpg: unreadable image"),
         # checkpoints
-        ("truncated checkpoint", ["train", TINY, "model.name=cifar_resnet20",
+        ("truncated checkpoint", ["train", TINY, "model.name=cifar_resnet20", "model.params={}",
                                   f"model.weights={weights_trunc}"], "trunc.th"),
-        ("wrong architecture", ["train", TINY, "model.name=cifar_resnet20",
+        ("wrong architecture", ["train", TINY, "model.name=cifar_resnet20", "model.params={}",
                                 f"model.weights={weights_wrong}"], "do not fit"),
         # output
         ("unwritable output dir", ["train", TINY, f"train.output_dir={weights_wrong}"],

@@ -29,6 +29,7 @@ def test_full_disk_fails_before_training(tiny_disk):
     need_shared("weights", "resnet_cifar10")
     cfg = load_config(CONFIGS / "tiny-digits.yaml", [
         f"train.output_dir={tiny_disk}", "train.progress=false", "model.name=cifar_resnet20",
+        "model.params={}",
         "data.channels=3", "data.mean=[0.3,0.3,0.3]", "data.std=[0.4,0.4,0.4]"])
     with pytest.raises(SmallshotError, match=r"MiB free on that disk, checkpoints .* need about"):
         fit(cfg)

@@ -31,7 +31,9 @@ from test_bad_inputs import cases as first_cases
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
 CASE_DEADLINE_S = 30  # a case still running after this is a hang
-TEXT = ["data.format=text", "model.name=minilm", "data.shots=1", "data.test_split=null"]
+# model.params={}: tiny-digits' params belong to its mlp, not to the models swapped in here
+TEXT = ["data.format=text", "model.name=minilm", "model.params={}", "data.shots=1",
+        "data.test_split=null"]
 IMAGES = ["data.format=image_folder", "data.test_split=null", "data.shots=1", "data.channels=3",
           "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "model.name=mlp:192",
           "data.val_shots=0"]
@@ -207,6 +209,7 @@ def cases(tmp: Path, finished: Path, listener: str) -> list[tuple[str, list[str]
                                            "data.mean=[0.3,0.3,0.3]", "data.std=[0.4,0.4,0.4]"],
          "model.name='mlp:64' cannot take the inputs"),
         ("grey data into an rgb resnet", ["train", TINY, "model.name=cifar_resnet20",
+                                          "model.params={}",
                                           "model.pretrained=false"], "cannot take the inputs"),
         # recipes and config sections
         ("recipe without data section", ["train", recipe("nodata.yaml", "name: x\n")],
@@ -250,9 +253,9 @@ def cases(tmp: Path, finished: Path, listener: str) -> list[tuple[str, list[str]
         ("weights file junk", ["train", TINY, f"train.output_dir={bad_weights}", *resume],
          "model.pt: unreadable or unsafe"),
         ("resume another model", ["train", TINY, f"train.output_dir={other_model}", *resume,
-                                  "model.hidden=32"], "model.hidden differ"),
+                                  "model.params={hidden: 32}"], "model.params differ"),
         ("resume another model, no record", ["train", TINY, f"train.output_dir={no_record}",
-                                             *resume, "model.hidden=32"],
+                                             *resume, "model.params={hidden: 32}"],
          "does not fit this run's model"),
         ("resume a finished run for longer", ["train", TINY, f"train.output_dir={more_epochs}",
                                               "train.resume=true", "train.run_name=done",
@@ -267,9 +270,10 @@ def cases(tmp: Path, finished: Path, listener: str) -> list[tuple[str, list[str]
         ("--resume of no sweep", ["tune", TINY, "--resume", f"train.output_dir={tmp / 'nosw'}",
                                   "tune.space={optim.lr: 'choice[0.1, 0.2]'}"], "no sweep"),
         ("seeds 0", ["seeds", TINY, "--seeds", "0"], "--seeds 0"),
-        ("hf folder missing", ["train", TINY, "model.name=hf:/nonexistent/model"],
+        ("hf folder missing", ["train", TINY, "model.name=hf:/nonexistent/model",
+                               "model.params={}"],
          "folder not found"),
-        ("hf folder without config", ["train", TINY, f"model.name=hf:{tmp}"],
+        ("hf folder without config", ["train", TINY, f"model.name=hf:{tmp}", "model.params={}"],
          "not a Hugging Face model folder"),
         # the network: every call has a deadline
         ("submit to a silent dashboard", ["submit", TINY, "--address", listener, "--no-follow",

@@ -59,7 +59,7 @@ import launch
 from trainers import engines
 
 calls = []
-original = engines.Engine.save
+original = engines.PlainEngine.save
 
 def save(self, folder, rank):
     calls.append(folder)
@@ -68,7 +68,7 @@ def save(self, folder, rank):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, folder, rank)
 
-engines.Engine.save = save
+engines.PlainEngine.save = save
 sys.exit(launch.main(sys.argv[1:]))
 """
 
@@ -104,6 +104,7 @@ def test_finished_minilm_run_keeps_one_copy_of_its_weights(tmp_path):
     (root / "train.tsv").write_text("label\ttext\n" + "".join(
         f"{i % 2}\t{'good' if i % 2 else 'bad'} movie number {i}\n" for i in range(16)))
     args = ["train", TINY, "data.format=text", f"data.root={root}", "model.name=minilm",
+            "model.params={}",
             "data.shots=4", "data.val_shots=2", "data.test_split=null", "data.max_length=16",
             "train.batch_size=4", "train.max_steps=2", "train.epochs=1", "train.eval_every=1",
             "data.mean=[0.5]", "data.std=[0.5]", f"train.output_dir={tmp_path / 'runs'}",
