@@ -30,7 +30,7 @@ from test_bad_inputs import _images, recipe_writer
 from test_bad_inputs import cases as first_cases
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
-CASE_DEADLINE_S = 30  # a case still running after this is a hang
+CASE_DEADLINE_S = 60  # a case still running after this is a hang (generous: shared CPUs)
 # model.params={}: tiny-digits' params belong to its mlp, not to the models swapped in here
 TEXT = ["data.format=text", "model.name=minilm", "model.params={}", "data.shots=1",
         "data.test_split=null"]
