@@ -36,7 +36,7 @@ def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, flo
                 ray.init(address=target, log_to_driver=True)
             else:
                 start_local(ray, local_kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - Ray raises bare Exception on a start timeout
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ClusterError(f"cannot connect to Ray at {target or 'a new local instance'}: "
                                f"{first[:200]}") from None
