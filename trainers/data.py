@@ -13,9 +13,9 @@ from io import StringIO
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: Sequence[int]) -> "Split":
+    def take(self, idx: Sequence[int]) -> Split:
         idx = list(idx)
         if isinstance(self.inputs, torch.Tensor):
             inputs = self.inputs[torch.as_tensor(idx, dtype=torch.long)]
@@ -230,7 +230,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
         splits[split] = Split(texts, torch.tensor(labels, dtype=torch.long), sources)
     num_classes = max(int(s.labels.max()) for s in splits.values()) + 1
     train_labels = set(splits[cfg.train_split].labels.tolist())
-    for split, s in splits.items():
+    for s in splits.values():
         bad = [i for i, y in enumerate(s.labels.tolist()) if y not in train_labels]
         if bad:
             raise DataError(f"{s.sources[bad[0]]}: label {int(s.labels[bad[0]])} never occurs in "

@@ -12,14 +12,15 @@ steps an uninterrupted run would have taken (trainers/batches.py, trainers/steps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-import dataclasses
-from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
