@@ -170,7 +170,7 @@ def cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
         yield
     except SmallshotError:
         raise
-    except (requests.exceptions.Timeout, asyncio.TimeoutError, TimeoutError) as e:
+    except (requests.exceptions.Timeout, TimeoutError) as e:
         raise ClusterError(f"the Ray dashboard at {url} did not answer within "
                            f"{read_timeout_s():g} s ({type(e).__name__}); is the cluster "
                            f"overloaded, or is this not its dashboard address? "

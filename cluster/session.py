@@ -112,7 +112,8 @@ def private_token_file() -> Path | None:
     path = token_path()
     if not path.exists():
         from ray._private.authentication.authentication_token_generator import (
-            generate_new_authentication_token)
+            generate_new_authentication_token,
+        )
 
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers import io
-
 from trainers.checks import check_names
 from trainers.config import RunConfig
 from trainers.errors import ConfigError

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from io import StringIO
 import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -263,8 +263,7 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     except Image.DecompressionBombError as e:  # far above our own bound: Pillow refuses to open
         raise DataError(f"{path}: larger than one image may be ({MAX_IMAGE_PIXELS // 2**20} "
                         f"Mpixel): {str(e).split(',')[0]}; downscale it") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({str(e).splitlines()[0][:200]})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]

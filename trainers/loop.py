@@ -28,14 +28,26 @@ import torch.nn.functional as F
 
 from trainers import augmenting, io
 from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
-from trainers.checkpoints import (Checkpoints, barrier, check_writable, ensure_space, load_into,
-                                  load_resume_state, prepare_run_dir, restore_metrics,
-                                  write_final)
+from trainers.checkpoints import (
+    Checkpoints,
+    barrier,
+    check_writable,
+    ensure_space,
+    load_into,
+    load_resume_state,
+    prepare_run_dir,
+    restore_metrics,
+    write_final,
+)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import Engine, create_engine, pick_device, world
-from trainers.errors import (CheckpointError, DataError, SmallshotError,  # noqa: F401
-                             TrainingError)  # (fit raises it)
+from trainers.errors import (  # noqa: F401
+    CheckpointError,
+    DataError,
+    SmallshotError,
+    TrainingError,  # (fit raises it)
+)
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty

@@ -19,15 +19,15 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-import launch
 from conftest import CONFIGS
 from test_bad_inputs import _images, recipe_writer
 from test_bad_inputs import cases as first_cases
+
+import launch
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
 CASE_DEADLINE_S = 60  # a case still running after this is a hang (generous: shared CPUs)

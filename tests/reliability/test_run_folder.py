@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS, ROOT
 
 import launch
-from conftest import CONFIGS, ROOT
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
 
