@@ -382,11 +382,13 @@ def _check_values(cfg: RunConfig, name: str, dist: Dist, where: str) -> None:
 
 def check_registries(cfg: RunConfig) -> None:
     """Names a RunConfig holds as free strings but only some registry entries make real."""
+    from trainers.adapters import check_adapter
     from trainers.models import model_factory
     from trainers.optim import optimizer_spec
 
     optimizer_spec(cfg.optim.name)
     model_factory(cfg.model.name)
+    check_adapter(cfg.model)
 
 
 def _parse_conditional(cfg: RunConfig, name: str, value: dict, plain: dict[str, Dist]

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from trainers import augmenting
+from trainers.adapters import load_checkpoint_state
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import create_engine, pick_device, world
 from trainers.errors import CheckpointError, SmallshotError
+from trainers.memory import enable_grad_checkpointing
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
@@ -299,6 +301,8 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     device = pick_device(cfg, hooks.local_rank)
     torch.manual_seed(t.seed)
     built = create_model(cfg.model, data.num_classes)
+    if t.grad_checkpointing:
+        enable_grad_checkpointing(built.module, cfg.model.name)
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
@@ -487,15 +491,22 @@ def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[s
 
 
 def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:
-    """A plain model with a checkpoint's weights (for evaluation or export)."""
-    built = create_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}),
-                         num_classes)
+    """A plain model with a checkpoint's weights (for evaluation or export).
+
+    An adapter checkpoint holds the adapter and head only: the backbone is built as the run
+    built it (pretrained files or seed) and the checkpoint goes on top.
+    """
+    if cfg.model.adapter == "none":
+        cfg = cfg.replace({"model.pretrained": False})  # every weight comes from the file
+    else:
+        torch.manual_seed(cfg.train.seed)  # a random-init backbone is the run's own
+    built = create_model(cfg.model, num_classes)
     path = Path(ckpt) / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        built.module.load_state_dict(state)
+        load_checkpoint_state(built.module, state, str(path))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit model.name={cfg.model.name!r} "
                               f"({str(e).splitlines()[0][:160]})") from None
