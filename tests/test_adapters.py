@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny_hf import make_tiny_hf, write_text_dataset
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 pytest.importorskip("peft")
@@ -63,7 +63,8 @@ def test_target_modules_that_do_not_exist_name_the_linear_layers(tiny_text) -> N
 def test_adapter_trains_only_adapter_and_head_and_checkpoints_only_them(
         tiny_text, tmp_path: Path, adapter: str) -> None:
     from trainers.adapters import count_parameters
-    from trainers.loop import fit, load_checkpoint_model
+    from trainers.checkpoints import load_checkpoint_model
+    from trainers.loop import fit
     from trainers.models import create_model
 
     model, data = tiny_text

@@ -10,7 +10,7 @@ import torch
 
 from conftest import CONFIGS
 from tiny_hf import make_tiny_hf, write_text_dataset
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 

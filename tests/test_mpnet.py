@@ -67,7 +67,7 @@ def test_the_real_mpnet_loads_when_its_packages_are_installed() -> None:
         find_pieces()
     except ConfigError as e:
         pytest.skip(str(e))
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.models import create_model
 
     cfg = load_config(None, ["data.format=text", "data.root=.", "model.name=mpnet",

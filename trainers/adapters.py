@@ -12,7 +12,6 @@ back from the same pretrained files (or the same seed) when the run resumes.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from trainers.config import ModelConfig, coerce_value
-from trainers.errors import CheckpointError, ConfigError
+from trainers.errors import CheckpointError, ConfigError, did_you_mean
 
 # peft config fields that smallshot sets itself (or that make no sense for a classifier head)
 RESERVED = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -57,9 +56,8 @@ def peft_config(cfg: ModelConfig, targets: tuple[list[str], list[str]] | None = 
     for key, value in cfg.adapter_params.items():
         where = f"model.adapter_params.{key}"
         if key not in fields:
-            hint = ALIASES.get(key) or next(iter(difflib.get_close_matches(
-                key, list(fields), n=1, cutoff=0.6)), None)
-            extra = f"; did you mean {hint!r}?" if hint else ""
+            extra = (f"; did you mean {ALIASES[key]!r}?" if key in ALIASES
+                     else did_you_mean(key, list(fields)))
             raise ConfigError(f"{where}: not a parameter of peft's {cls.__name__} for "
                               f"model.adapter={cfg.adapter} (valid: {', '.join(fields)}){extra}")
         kwargs[key] = coerce_value(value, fields[key], where)
