@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_hf import make_tiny_hf, write_text_dataset
-from trainers.recipe import load_config
+
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 pytest.importorskip("peft")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONFIGS
 from tiny_hf import make_tiny_hf, write_text_dataset
-from trainers.recipe import load_config
+
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 
 def model_cfg(folder: Path, *extra: str):

@@ -67,8 +67,8 @@ def test_the_real_mpnet_loads_when_its_packages_are_installed() -> None:
         find_pieces()
     except ConfigError as e:
         pytest.skip(str(e))
-    from trainers.recipe import load_config
     from trainers.models import create_model
+    from trainers.recipe import load_config
 
     cfg = load_config(None, ["data.format=text", "data.root=.", "model.name=mpnet",
                              "model.pooling=mean", "model.normalize=true"], check_paths=False)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = ("good great fine nice love best fun happy bad awful poor sad hate worst dull boring "
-         "the a movie film plot was is very not it and").split()
+WORDS = ["good", "great", "fine", "nice", "love", "best", "fun", "happy", "bad", "awful", "poor", "sad", "hate", "worst", "dull", "boring", "the", "a", "movie", "film", "plot", "was", "is", "very", "not", "it", "and"]
 
 CONFIGS = {
     "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 32,

@@ -41,7 +41,7 @@ def _config_class(name: str) -> type:
 def _fields(cls: type) -> dict[str, Any]:
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation peft's module cannot resolve: peft checks the value
+    except (NameError, TypeError, AttributeError):  # an annotation peft cannot resolve
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)
             if f.init and f.name not in RESERVED}

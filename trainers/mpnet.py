@@ -16,8 +16,8 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from trainers.errors import ConfigError
 
