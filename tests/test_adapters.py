@@ -109,7 +109,7 @@ def test_adapter_works_with_the_few_shot_strategies(tiny_text, tmp_path: Path,
 
     model, data = tiny_text
     cfg = recipe(model, data, tmp_path, f"model.strategy={strategy}", "train.epochs=0",
-                 "model.contrastive_iterations=2", "model.contrastive_lr=1e-2")
+                 "model.strategy_params={contrastive: {iterations: 2, lr: 1.0e-2}}")
     result = fit(cfg)  # epochs=0: the prepared model alone (probe head, pair-trained adapter)
     assert result.metrics["test/accuracy"] > 0.7
     final = torch.load(result.run_dir / "checkpoints/final/model.pt", weights_only=True)

@@ -17,20 +17,21 @@ from trainers.errors import ConfigError
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Every registry name in ``cfg`` exists (and the augmentation policy takes its params)."""
+    """Every registry name in ``cfg`` exists, and the chosen model, strategy and augmentation
+    policy take the params given to them."""
     from trainers.adapters import check_adapter
     from trainers.augmenting import build_batch_augment
     from trainers.data import check_data
     from trainers.engines import ENGINES
-    from trainers.models import model_factory
+    from trainers.models import model_params
     from trainers.optim import OPTIMIZERS
-    from trainers.strategies import STRATEGIES
+    from trainers.strategies import strategy_params
 
     check_data(cfg.data)
     OPTIMIZERS.get(cfg.optim.name)
-    model_factory(cfg.model.name)
+    model_params(cfg.model)
     check_adapter(cfg.model)
-    STRATEGIES.get(cfg.model.strategy)
+    strategy_params(cfg)
     ENGINES.get(cfg.train.engine)
     build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")
 
