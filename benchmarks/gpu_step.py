@@ -112,8 +112,8 @@ def main() -> None:
                      f"{z3:.1f}"])
         print(rows[-1], flush=True)
     md = "\n".join([
-        f"GPU: {payload['gpu']}; batch 32 x <=64 tokens, bf16 autocast, AdamW, {args.steps} "
-        f"steps, medians of {WINDOW}-step windows after the first.", "",
+        (f"GPU: {payload['gpu']}; batch 32 x <=64 tokens, bf16 autocast, AdamW, {args.steps} "
+        f"steps, medians of {WINDOW}-step windows after the first."), "",
         markdown_table(["model", "plain loop ms/step", "fit ms/step", "fit / plain",
                         f"ZeRO-3, 1 GPU, Ray Train: wall s for {args.steps} steps"], rows)])
     write_results("gpu_step", payload, md)

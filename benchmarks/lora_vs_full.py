@@ -72,8 +72,8 @@ def main() -> None:
     for method, rows in runs.items():
         r0 = rows[0]
         table.append([method, fmt([r["accuracy"] for r in rows]),
-                      f"{r0['trainable'] / 1e6:.3f} M of {r0['total'] / 1e6:.1f} M "
-                      f"({100 * r0['trainable'] / r0['total']:.2f} %)",
+                      (f"{r0['trainable'] / 1e6:.3f} M of {r0['total'] / 1e6:.1f} M "
+                      f"({100 * r0['trainable'] / r0['total']:.2f} %)"),
                       f"{statistics.median(r['step_s'] for r in rows):.3f}",
                       f"{r0['checkpoint_bytes'] / 2**20:.2f}"])
     full, lora = runs["full fine-tuning"], runs["LoRA r=8"]
@@ -82,17 +82,17 @@ def main() -> None:
                   / statistics.median(r["step_s"] for r in full))
     md = "\n".join([
         f"# LoRA vs full fine-tuning ({args.model})", "",
-        f"`python -m benchmarks.lora_vs_full --model {args.model} --seeds {args.seeds}`: "
+        (f"`python -m benchmarks.lora_vs_full --model {args.model} --seeds {args.seeds}`: "
         f"SST-2, K={args.shots} per class, {args.max_test} fixed test sentences, the "
         f"`configs/sst2-minilm.yaml` recipe (15 epochs, batch 8, AdamW, linear schedule), the "
         f"same {args.seeds} few-shot draws for both; accuracy % as mean ± sample std over the "
         f"draws. Step time is one optimizer step on {args.threads} threads (median over runs); "
         f"the machine was shared with other jobs. Checkpoint: `checkpoints/final/model.pt` "
-        f"(LoRA: adapter + head only; the backbone comes back from the pretrained files).", "",
+        f"(LoRA: adapter + head only; the backbone comes back from the pretrained files)."), "",
         markdown_table(["method", "test accuracy %", "trainable parameters", "step s",
                         "checkpoint MiB"], table),
-        f"LoRA's checkpoint is {ratio_ckpt * 100:.2f} % of the full one; its step takes "
-        f"{ratio_step:.2f}x the full step's time.", ""])
+        (f"LoRA's checkpoint is {ratio_ckpt * 100:.2f} % of the full one; its step takes "
+        f"{ratio_step:.2f}x the full step's time."), ""])
     write_results(f"lora_vs_full_{args.model}", {"model": args.model, "shots": args.shots,
                                                  "max_test": args.max_test, "runs": runs}, md)
     print(md)

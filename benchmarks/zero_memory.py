@@ -17,8 +17,8 @@ freed by then), the live-tensor bytes, and the optimizer state bytes alone.
 from __future__ import annotations
 
 import argparse
-import itertools
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -34,15 +34,15 @@ from trainers.memory import zero_model_state_bytes
 BIG = {"n_embd": 1024, "n_layer": 24, "n_head": 16}
 QUICK = {"n_embd": 512, "n_layer": 6, "n_head": 8}
 
-RUNS = {  # name -> overrides
-    "ZeRO-0": ["train.engine=deepspeed", "train.zero_stage=0"],
-    "ZeRO-1": ["train.engine=deepspeed", "train.zero_stage=1"],
-    "ZeRO-2": ["train.engine=deepspeed", "train.zero_stage=2"],
+RUNS = {  # name -> overrides, in the order they run (the goals' rows first)
     "ZeRO-3": ["train.engine=deepspeed", "train.zero_stage=3"],
-    "ZeRO-3 + offload": ["train.engine=deepspeed", "train.zero_stage=3", "train.offload=true",
-                         "train.offload_params=true"],
+    "ZeRO-0": ["train.engine=deepspeed", "train.zero_stage=0"],
     "LoRA r=8, ZeRO-0": ["train.engine=deepspeed", "train.zero_stage=0", "model.adapter=lora",
                          "model.adapter_params={r: 8}"],
+    "ZeRO-1": ["train.engine=deepspeed", "train.zero_stage=1"],
+    "ZeRO-2": ["train.engine=deepspeed", "train.zero_stage=2"],
+    "ZeRO-3 + offload": ["train.engine=deepspeed", "train.zero_stage=3", "train.offload=true",
+                         "train.offload_params=true"],
 }
 
 
@@ -219,8 +219,8 @@ def main() -> None:
         r0 = rows[name][0]
         print(f"{name}: {time.perf_counter() - t0:.0f} s; rank 0 peak "
               f"{r0['peak_kib'] / 2**20:.2f} GiB, step {r0['step_s']:.2f} s", flush=True)
+        report(rows, psi, trainable_full, trainable_lora, args)  # so far: a cut run keeps them
     ray.shutdown()
-    report(rows, psi, trainable_full, trainable_lora, args)
 
 
 def report(rows: dict[str, list[dict[str, Any]]], psi: int, trainable_full: int,
@@ -229,7 +229,9 @@ def report(rows: dict[str, list[dict[str, Any]]], psi: int, trainable_full: int,
     n = 2
     table = []
     payload_rows = {}
-    full_optim = None
+    zero0 = rows.get("ZeRO-0", [{}])
+    full_optim = (statistics.mean(x["optimizer_bytes"] for x in zero0)
+                  if "optimizer_bytes" in zero0[0] else None)
     for name, ranks in rows.items():
         if "error" in ranks[0]:
             table.append([name, "failed: " + ranks[0]["error"][:80], "", "", "", "", "", ""])
@@ -249,37 +251,35 @@ def report(rows: dict[str, list[dict[str, Any]]], psi: int, trainable_full: int,
         r = max(ranks, key=lambda x: x["peak_kib"])
         state_rss = (r["rss_after_kib"] - r["baseline_kib"]) * 1024
         optim = statistics.mean(x["optimizer_bytes"] for x in ranks)
-        if name == "ZeRO-0":
-            full_optim = optim
         step = statistics.mean(x["step_s"] for x in ranks)
         payload_rows[name] = {"ranks": ranks, "formula_bytes": formula, "paper_bytes": paper,
                               "model_state_rss_bytes": state_rss,
                               "ratio_rss_to_formula": state_rss / formula,
                               "ratio_tensors_to_formula": r["tensor_bytes"] / formula,
                               "step_s": step, "optimizer_bytes": optim}
-        table.append([name, f"{formula / gib:.2f}", f"{state_rss / gib:.2f} "
-                      f"({state_rss / formula:.2f}x)", f"{r['tensor_bytes'] / gib:.2f} "
-                      f"({r['tensor_bytes'] / formula:.2f}x)", f"{r['peak_kib'] / 2**20:.2f}",
+        table.append([name, f"{formula / gib:.2f}", (f"{state_rss / gib:.2f} "
+                      f"({state_rss / formula:.2f}x)"), (f"{r['tensor_bytes'] / gib:.2f} "
+                      f"({r['tensor_bytes'] / formula:.2f}x)"), f"{r['peak_kib'] / 2**20:.2f}",
                       f"{optim / gib:.3f}", f"{step:.2f}", f"{paper / gib:.2f}"])
     lines = [
         "# ZeRO memory per worker: measured vs the ZeRO paper's formula", "",
-        f"`python -m benchmarks.zero_memory{' --quick' if args.quick else ''}` — a random-init "
+        (f"`python -m benchmarks.zero_memory{' --quick' if args.quick else ''}` — a random-init "
         f"GPT-2-style decoder of **{psi / 1e6:.1f} M parameters** (from a config, no weights) as a "
         f"2-class sequence classifier, 2 Ray Train workers on one 2-core CPU machine (gloo, "
         f"fp32, 1 thread per worker), AdamW, batch 2 x 32 tokens per worker, {args.steps} steps "
         f"each. The machine was shared with other jobs: step times are noisy. Memory per worker "
-        f"(the larger of the two ranks); GiB = 2^30 bytes.", "",
-        "- *formula*: model-state bytes per worker, (P + G + K) Ψ with stage s partitioning the "
+        f"(the larger of the two ranks); GiB = 2^30 bytes."), "",
+        ("- *formula*: model-state bytes per worker, (P + G + K) Ψ with stage s partitioning the "
         "first s of (optimizer state, gradients, weights) over N = 2 workers (ZeRO paper, "
         "section 3); here P = G = 4 (fp32) and K = 12 for stages 1-3 (DeepSpeed's fp32 "
         "partition copy + Adam's moments), K = 8 for ZeRO-0 (Adam on the weights). LoRA: "
-        "the formula for the trained Ψ plus 4 bytes per frozen weight.",
-        "- *model-state RSS*: resident memory after the last step (activations freed) minus "
+        "the formula for the trained Ψ plus 4 bytes per frozen weight."),
+        ("- *model-state RSS*: resident memory after the last step (activations freed) minus "
         "the resident memory before the model existed; *live tensors*: bytes of every live "
         "tensor storage then; *peak*: the process's VmHWM, including the moment the whole "
-        "model is built in fp32 before DeepSpeed partitions it.",
-        "- *paper, mixed precision*: the same formula with P = G = 2, K = 12 (what a GPU run "
-        "in fp16/bf16 would hold), for orientation.", "",
+        "model is built in fp32 before DeepSpeed partitions it."),
+        ("- *paper, mixed precision*: the same formula with P = G = 2, K = 12 (what a GPU run "
+        "in fp16/bf16 would hold), for orientation."), "",
         markdown_table(["run", "formula GiB", "model-state RSS GiB (x formula)",
                         "live tensors GiB (x formula)", "peak RSS GiB", "optimizer state GiB",
                         "step s", "paper, mixed precision GiB"], table),
@@ -300,6 +300,9 @@ def report(rows: dict[str, list[dict[str, Any]]], psi: int, trainable_full: int,
                      f"{frac * 100:.2f} % ({lora['optimizer_bytes'] / 2**20:.1f} MiB vs "
                      f"{full_optim / 2**20:.0f} MiB; trainable {trainable_lora / 1e6:.2f} M of "
                      f"{psi / 1e6:.1f} M) — {'met' if frac <= 0.02 else 'not met'}.")
+    missing = [n for n in RUNS if n not in rows and not (args.only and n not in args.only)]
+    if missing:
+        lines.append(f"\nNot (yet) run: {', '.join(missing)}.")
     md = "\n".join(lines) + "\n"
     name = "zero_memory_quick" if args.quick else "zero_memory"
     write_results(name, {"params": psi, "trainable_lora": trainable_lora, "workers": n,

@@ -32,8 +32,8 @@ def recipe(model: Path, data: Path, out: Path, *extra: str):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["model.adapter_params.rank=8"], r"adapter_params.rank: not a parameter of peft's "
-                                      r"LoraConfig .*did you mean 'r'\?"),
+    (["model.adapter_params.rank=8"], (r"adapter_params.rank: not a parameter of peft's "
+                                      r"LoraConfig .*did you mean 'r'\?")),
     (["model.adapter_params.lora_alpah=8"], r"did you mean 'lora_alpha'\?"),
     (["model.adapter_params.r=eight"], r"adapter_params.r: expected an integer, got 'eight'"),
     (["model.adapter=ia3", "model.adapter_params.r=8"], r"not a parameter of peft's IA3Config"),
