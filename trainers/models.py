@@ -8,9 +8,10 @@ returns logits, and which names its fresh head (``head_prefixes``) so freezing, 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
