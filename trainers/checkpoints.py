@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trainers import io
+from trainers.adapters import load_checkpoint_state
 from trainers.config import RunConfig
 from trainers.engines import Engine, load_file, world
 from trainers.errors import CheckpointError, SmallshotError
@@ -240,14 +241,21 @@ def load_resume_state(engine: Engine, resume_dir: Path) -> dict[str, Any]:
 
 
 def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:
-    """A plain model with a checkpoint's weights (for evaluation or export)."""
-    built = create_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}),
-                         num_classes)
+    """A plain model with a checkpoint's weights (for evaluation or export).
+
+    An adapter checkpoint holds the adapter and head only: the backbone is built as the run
+    built it (pretrained files or seed) and the checkpoint goes on top.
+    """
+    if cfg.model.adapter == "none":  # every weight comes from the file
+        cfg = cfg.replace({"model.pretrained": False})
+    else:
+        torch.manual_seed(cfg.train.seed)  # a random-init backbone is the run's own
+    built = create_model(cfg.model, num_classes)
     path = Path(ckpt) / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")
     try:
-        built.module.load_state_dict(load_weights(path))
+        load_checkpoint_state(built.module, load_weights(path), str(path))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit model.name={cfg.model.name!r} "
                               f"({first_mismatch(e)})") from None

@@ -18,6 +18,7 @@ from trainers.errors import ConfigError
 def check_names(cfg: RunConfig) -> None:
     """Every registry name in ``cfg`` exists, and the chosen model, strategy and augmentation
     policy take the params given to them."""
+    from trainers.adapters import check_adapter
     from trainers.augmenting import build_batch_augment
     from trainers.data import check_data
     from trainers.engines import ENGINES
@@ -28,6 +29,7 @@ def check_names(cfg: RunConfig) -> None:
     check_data(cfg.data)
     OPTIMIZERS.get(cfg.optim.name)
     model_params(cfg.model)
+    check_adapter(cfg.model)
     strategy_params(cfg)
     ENGINES.get(cfg.train.engine)
     build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")

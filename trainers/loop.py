@@ -48,6 +48,7 @@ from trainers.errors import (  # noqa: F401
     SmallshotError,
     TrainingError,  # (fit raises it)
 )
+from trainers.memory import enable_grad_checkpointing
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
@@ -244,6 +245,8 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     device = pick_device(cfg, hooks.local_rank)
     torch.manual_seed(t.seed)
     built = create_model(cfg.model, data.num_classes)
+    if t.grad_checkpointing:
+        enable_grad_checkpointing(built.module, cfg.model.name)
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.adapters import apply_adapter
 from trainers.config import ModelConfig
 from trainers.errors import CheckpointError, ConfigError
 from trainers.registry import Registry
@@ -128,8 +129,68 @@ class TextClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
 
 
+class DecoderClassifier(nn.Module):
+    """A decoder LM with a sequence-classification head; forward(input_ids, attention_mask).
+
+    Hugging Face's ``*ForSequenceClassification`` scores every position and keeps the last
+    token that is not padding, so the config's pad token id must be set (see ``_hf_decoder``).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def is_decoder(conf: Any) -> bool:
+    """A decoder-only LM (GPT-2, Llama, Qwen ...): causal LM but neither masked LM nor seq2seq."""
+    from transformers.models.auto import modeling_auto as auto
+
+    kind = conf.model_type
+    return (kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and kind not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(conf, "is_encoder_decoder", False))
+
+
+def _load_tokenizer(folder: Path, name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"model.name={name}: no usable tokenizer in {folder} (put the "
+                          f"tokenizer files beside config.json; {str(e).splitlines()[0][:120]})"
+                          ) from None
+
+
+def _hf_decoder(folder: Path, conf: Any, cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = _load_tokenizer(folder, cfg.name)
+    pad = tokenizer.pad_token_id
+    if pad is None or pad >= conf.vocab_size:  # GPT-2 and Llama ship none: pad with end-of-text
+        if tokenizer.eos_token is None or tokenizer.eos_token_id >= conf.vocab_size:
+            raise ConfigError(f"model.name={cfg.name}: the tokenizer has neither a pad nor an "
+                              f"end-of-sequence token inside the model's vocabulary")
+        tokenizer.pad_token = tokenizer.eos_token
+    conf.num_labels = num_classes
+    conf.pad_token_id = tokenizer.pad_token_id
+    if cfg.pretrained:
+        net = AutoModelForSequenceClassification.from_pretrained(folder, config=conf)
+    else:
+        net = AutoModelForSequenceClassification.from_config(conf)
+    head = next((n for n in ("score", "classifier") if isinstance(getattr(net, n, None),
+                                                                   nn.Linear)), None)
+    if head is None:
+        raise ConfigError(f"model.name={cfg.name}: {type(net).__name__} has no linear "
+                          f"'score' head")
+    return BuiltModel(DecoderClassifier(net), (f"net.{head}.",), tokenizer, "text")
+
+
 def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").is_file():
@@ -138,11 +199,13 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
     hf_logging.set_verbosity_error()  # "newly initialized weights" is expected: the head is new
     hf_logging.disable_progress_bar()
     conf = AutoConfig.from_pretrained(folder)
+    if is_decoder(conf):
+        return _hf_decoder(folder, conf, cfg, num_classes)
     if cfg.pretrained:
         encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
     else:
         encoder = AutoModel.from_config(conf, add_pooling_layer=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _load_tokenizer(folder, cfg.name)
     dropout = cfg.dropout if cfg.dropout is not None else getattr(conf, "hidden_dropout_prob", 0.1)
     model = TextClassifier(encoder, num_classes, cfg.pooling, dropout, cfg.normalize)
     return BuiltModel(model, ("head.",), tokenizer, "text")
@@ -151,6 +214,13 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
 @register_model("minilm")
 def _minilm(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
     return _hf_model(minilm_path(), cfg, num_classes)
+
+
+@register_model("mpnet")
+def _mpnet(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+    from trainers.mpnet import mpnet_path
+
+    return _hf_model(mpnet_path(), cfg, num_classes)
 
 
 @register_model("hf", usage="hf:<folder>")
@@ -316,4 +386,4 @@ def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     built = factory(cfg, num_classes, arg, **model_params(cfg))
     if cfg.freeze_backbone:
         built.set_backbone_trainable(False)
-    return built
+    return apply_adapter(cfg, built)
