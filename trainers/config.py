@@ -231,6 +231,26 @@ class TuneConfig:
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
 
 
+TRACK_BACKENDS = ("csv", "tensorboard", "mlflow")
+
+
+@dataclass(kw_only=True)
+class TrackConfig:
+    backends: list[str] = _f(factory=list, help="where metrics go besides metrics.jsonl: "
+                             "tensorboard, mlflow (csv is always on)")
+    mlflow_uri: str | None = _f(None, help="MLflow tracking URI (a server, sqlite:///..., "
+                                "file:...); default a file store at <output_dir>/mlruns")
+    experiment: str | None = _f(None, help="MLflow experiment name; default the recipe name")
+
+    def validate(self) -> None:
+        for b in self.backends:
+            if b not in TRACK_BACKENDS:
+                hint = difflib.get_close_matches(b, TRACK_BACKENDS, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"track.backends: {b!r} is not a backend (allowed: "
+                                  f"{', '.join(TRACK_BACKENDS)}){extra}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = _f("run", help="recipe name (run folders derive from it)")
@@ -241,6 +261,7 @@ class RunConfig:
     train: TrainConfig = _f(factory=TrainConfig, help="training loop")
     scaling: ScalingConfig = _f(factory=ScalingConfig, help="Ray Train scaling")
     tune: TuneConfig = _f(factory=TuneConfig, help="Ray Tune sweep")
+    track: TrackConfig = _f(factory=TrackConfig, help="experiment tracking (TensorBoard, MLflow)")
 
     # -- derived ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +274,7 @@ class RunConfig:
             d["train"].pop(k, None)
         d.pop("scaling", None)
         d.pop("tune", None)
+        d.pop("track", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     @property

@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
     return deco
 
 
-def _split_file(root: Path, split: str) -> Path | None:
+def split_file(root: Path, split: str) -> Path | None:
     for suffix in TEXT_SUFFIXES:
         p = root / f"{split}{suffix}"
         if p.is_file():
@@ -87,9 +87,12 @@ def _split_file(root: Path, split: str) -> Path | None:
     return None
 
 
-def read_text_file(path: Path, text_col: str, label_col: str,
+def read_text_file(path: Path, text_col: str, label_col: str | None,
                    label_text_col: str | None) -> tuple[list[str], list[int], list[str], dict[int, str]]:
-    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and line."""
+    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and line.
+
+    ``label_col=None`` reads texts only (prediction): labels come back empty.
+    """
     texts, labels, sources, names = [], [], [], {}
     try:
         raw = path.read_bytes().decode("utf-8")
@@ -117,7 +120,7 @@ def read_text_file(path: Path, text_col: str, label_col: str,
         if not header:
             raise DataError(f"{path}: empty file (expected a header row)")
         for col in (text_col, label_col):
-            if col not in header:
+            if col is not None and col not in header:
                 raise DataError(f"{path} line 1: missing column {col!r} (columns: "
                                 f"{', '.join(header)}); set data.text_column/data.label_column")
         rows = []
@@ -129,12 +132,17 @@ def read_text_file(path: Path, text_col: str, label_col: str,
                                 f"{len(header)}")
             rows.append((n, dict(zip(header, values))))
     for n, row in rows:
-        if text_col not in row or label_col not in row:
+        if text_col not in row or (label_col is not None and label_col not in row):
             missing = text_col if text_col not in row else label_col
             raise DataError(f"{path} line {n}: missing column {missing!r}")
-        text, label = row[text_col], row[label_col]
+        text = row[text_col]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path} line {n}: empty text in column {text_col!r}")
+        texts.append(text)
+        sources.append(f"{path}:{n}")
+        if label_col is None:
+            continue
+        label = row[label_col]
         try:
             label_i = int(label)
             if isinstance(label, float) and not label.is_integer():
@@ -143,9 +151,7 @@ def read_text_file(path: Path, text_col: str, label_col: str,
             raise DataError(f"{path} line {n}: label {label!r} is not an integer class index") from None
         if label_i < 0:
             raise DataError(f"{path} line {n}: label {label_i} is negative")
-        texts.append(text)
         labels.append(label_i)
-        sources.append(f"{path}:{n}")
         if label_text_col and label_text_col in row:
             names.setdefault(label_i, str(row[label_text_col]))
     return texts, labels, sources, names
@@ -158,7 +164,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
     names: dict[int, str] = {}
     wanted = [s for s in (cfg.train_split, cfg.test_split) if s]
     for split in wanted:
-        path = root if root.is_file() else _split_file(root, split)
+        path = root if root.is_file() else split_file(root, split)
         if path is None:
             raise DataError(f"data.root={cfg.root}: no {split}.tsv/.csv/.jsonl for split "
                             f"{split!r}")
@@ -181,7 +187,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
     return "text", classes, splits
 
 
-def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
+def load_image(path: Path | BinaryIO, size: int | None, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -197,7 +203,7 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _image_classes(split_root: Path, depth: int) -> dict[str, Path]:
+def image_classes(split_root: Path, depth: int) -> dict[str, Path]:
     dirs = [split_root]
     for _ in range(depth):
         dirs = sorted(d for parent in dirs for d in parent.iterdir() if d.is_dir())
@@ -217,7 +223,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
                 split_root = root  # a single folder of classes; the test set is the remainder
             else:
                 raise DataError(f"data.root={cfg.root}: no folder {split!r} for that split")
-        found = _image_classes(split_root, cfg.class_depth)
+        found = image_classes(split_root, cfg.class_depth)
         if classes is None:
             classes = sorted(found)
             if cfg.max_classes:
@@ -233,7 +239,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
                 labels.append(label)
         if not images:
             raise DataError(f"{split_root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        tensors = [_load_image(p, cfg.image_size, cfg.channels) for p in images]
+        tensors = [load_image(p, cfg.image_size, cfg.channels) for p in images]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise DataError(f"{split_root}: images of different sizes {sorted(shapes)[:3]}; set "

@@ -31,6 +31,7 @@ from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.strategies import create_strategy
+from trainers.tracking import Tracker
 
 
 class TrainingError(SmallshotError):
@@ -345,6 +346,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     history: list[dict[str, Any]] = progress["history"]
     mode_sign = 1.0 if t.mode == "max" else -1.0
     metrics_file = run_dir / "metrics.jsonl"
+    tracker = Tracker(cfg, run_dir) if rank == 0 else None
     stopped_early = progress.get("stopped_early", False)
     best_ckpt: Path | None = ckpts.pointer("best")
 
@@ -385,6 +387,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         if rank == 0:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log(row)
         ckpt = None
         if t.save_checkpoints:
             ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
@@ -461,6 +464,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
     if rank == 0:
         _write_json(run_dir / "result.json", summary)
+        tracker.finish(final)
     if hooks.on_finish is not None:
         hooks.on_finish(final, final_dir)
     return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
