@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("cluster.jobs", "Stop a submitted job"),
     "list": ("cluster.jobs", "Jobs submitted from this machine"),
     "augment-preview": ("augment.preview", "Write a grid (images) or table (text) of augmentations"),
+    "predict": ("commands.predict", "Labels and probabilities for new texts or images"),
+    "evaluate": ("commands.evaluate", "Metrics and a confusion matrix on labelled data"),
+    "export": ("commands.export", "Write a model as an HF folder, ONNX or TorchScript"),
+    "serve": ("commands.serve", "An HTTP JSON endpoint on Ray Serve (POST /predict)"),
 }
 
 

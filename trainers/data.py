@@ -87,8 +87,9 @@ def split_file(root: Path, split: str) -> Path | None:
     return None
 
 
-def read_text_file(path: Path, text_col: str, label_col: str | None,
-                   label_text_col: str | None) -> tuple[list[str], list[int], list[str], dict[int, str]]:
+def read_text_file(path: Path, text_col: str, label_col: str | None, label_text_col: str | None,
+                   hint: str = "set data.text_column/data.label_column"
+                   ) -> tuple[list[str], list[int], list[str], dict[int, str]]:
     """Read TSV/CSV/JSONL rows; every malformed row is reported with file and line.
 
     ``label_col=None`` reads texts only (prediction): labels come back empty.
@@ -122,7 +123,7 @@ def read_text_file(path: Path, text_col: str, label_col: str | None,
         for col in (text_col, label_col):
             if col is not None and col not in header:
                 raise DataError(f"{path} line 1: missing column {col!r} (columns: "
-                                f"{', '.join(header)}); set data.text_column/data.label_column")
+                                f"{', '.join(header)}); {hint}")
         rows = []
         for n, values in enumerate(reader, 2):
             if not values:

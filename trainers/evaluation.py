@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.data import (IMAGE_SUFFIXES, TEXT_SUFFIXES, image_classes, read_text_file,
-                           split_file)
+from trainers.data import IMAGE_SUFFIXES, TEXT_SUFFIXES, image_classes, read_text_file, split_file
 from trainers.errors import DataError
 from trainers.metrics import classification_metrics
 from trainers.predictor import Predictor, load_images
@@ -45,7 +44,8 @@ def read_labelled(path: str | Path, predictor: Predictor, *, text_column: str | 
             raise DataError(f"{p}: model {src.folder} takes text: give a labelled "
                             f"{'/'.join(TEXT_SUFFIXES)} file or a dataset folder")
         texts, labels, ids, _ = read_text_file(p, text_column or d.text_column,
-                                               label_column or d.label_column, None)
+                                               label_column or d.label_column, None,
+                                               hint="pass --text-column/--label-column")
         if not texts:
             raise DataError(f"{p}: no rows to evaluate on")
         bad = next((i for i, y in enumerate(labels) if y >= num), None)

@@ -304,7 +304,7 @@ def read_inputs(path: str, source: ModelSource, text_column: str | None = None,
             raise DataError(f"{p}: model {source.folder} takes text: give a "
                             f"{'/'.join(TEXT_SUFFIXES)} file with a {text_col!r} column, or - "
                             f"for one text per line on stdin")
-        texts, _, ids, _ = read_text_file(p, text_col, None, None)
+        texts, _, ids, _ = read_text_file(p, text_col, None, None, hint="pass --text-column")
         if not texts:
             raise DataError(f"{p}: no rows to predict on")
         return texts, ids

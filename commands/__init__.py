@@ -1,0 +1,1 @@
+"""The command layer: the only place argparse lives; launch.py dispatches here."""
