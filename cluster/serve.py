@@ -108,6 +108,7 @@ class ModelServer:
         self.limits = ServeLimits(**(limits or {}))
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.counts = {"requests": 0, "forward_passes": 0}  # shows whether batching merges
 
     def _images(self, items: list[str]) -> Any:
         import torch
@@ -132,6 +133,7 @@ class ModelServer:
     def _predict(self, inputs: Any) -> list[dict[str, Any]]:
         from trainers.predictor import prediction_rows
 
+        self.counts["forward_passes"] += 1
         probs = self.predictor.predict(inputs, batch_size=max(len(inputs), 1))
         rows = prediction_rows(probs, [""] * len(probs), self.predictor.classes)
         return [{k: v for k, v in r.items() if k != "id"} for r in rows]
@@ -159,7 +161,7 @@ class ModelServer:
         src = self.predictor.source
         return {"model": str(src.folder), "kind": src.kind, "modality": src.modality,
                 "classes": self.predictor.classes, "batched": self.batched,
-                "limits": asdict(self.limits)}
+                "limits": asdict(self.limits), "served": dict(self.counts)}
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -182,6 +184,7 @@ class ModelServer:
                                    self._images)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
+        self.counts["requests"] += 1
         if self.batched:
             rows = await self.predict_batch(inputs)
         else:

@@ -529,6 +529,7 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
         "train.output_dir": str(Path(sweep_dir) / "runs"), "train.run_name": trial_id,
         "train.monitor": base.tune.metric, "train.mode": base.tune.mode,
         "scaling.storage_path": str(Path(sweep_dir) / "train"),
+        "track.backends": [],  # the sweep's Tune callbacks track trials (tracking_callbacks)
     })
     if base.train.num_threads is None and base.scaling.num_workers == 0:
         overrides["train.num_threads"] = max(1, int(TrialNeeds.from_config(base).driver_cpus))
@@ -785,6 +786,25 @@ def plan_for(cfg: RunConfig) -> Any:
                             "tune.max_concurrent (nodes still to come)")
 
 
+def tracking_callbacks(cfg: RunConfig) -> list[Any]:
+    """Ray Tune's own logger callbacks for ``track.backends``: one MLflow run per trial, in
+    the experiment named by track.experiment (default: the sweep's name). CSV is always on."""
+    from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+
+    from trainers.tracking import mlflow_uri
+
+    callbacks: list[Any] = [CSVLoggerCallback()]
+    if "tensorboard" in cfg.track.backends:
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in cfg.track.backends:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=mlflow_uri(cfg), experiment_name=cfg.track.experiment
+            or sweep_dir_of(cfg).name, tags={"smallshot.recipe": cfg.name}))
+    return callbacks
+
+
 def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
               retry_errored: bool = False, search_seed: int | None = None) -> SweepOutcome:
     """Validate, plan, and run (or resume) the sweep of ``cfg``; return where it lives.
@@ -827,7 +847,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 reuse_actors=False),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                callbacks=[trial_log(t.metric)],
+                callbacks=[trial_log(t.metric), *tracking_callbacks(base)],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)
