@@ -791,7 +791,7 @@ def tracking_callbacks(cfg: RunConfig) -> list[Any]:
     the experiment named by track.experiment (default: the sweep's name). CSV is always on."""
     from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
 
-    from trainers.tracking import mlflow_uri
+    from trainers.tracking import ensure_experiment, mlflow_uri
 
     callbacks: list[Any] = [CSVLoggerCallback()]
     if "tensorboard" in cfg.track.backends:
@@ -799,9 +799,10 @@ def tracking_callbacks(cfg: RunConfig) -> list[Any]:
     if "mlflow" in cfg.track.backends:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        callbacks.append(MLflowLoggerCallback(
-            tracking_uri=mlflow_uri(cfg), experiment_name=cfg.track.experiment
-            or sweep_dir_of(cfg).name, tags={"smallshot.recipe": cfg.name}))
+        name = cfg.track.experiment or sweep_dir_of(cfg).name
+        ensure_experiment(cfg, name)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(cfg), experiment_name=name,
+                                              tags={"smallshot.recipe": cfg.name}))
     return callbacks
 
 

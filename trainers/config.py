@@ -238,8 +238,9 @@ TRACK_BACKENDS = ("csv", "tensorboard", "mlflow")
 class TrackConfig:
     backends: list[str] = _f(factory=list, help="where metrics go besides metrics.jsonl: "
                              "tensorboard, mlflow (csv is always on)")
-    mlflow_uri: str | None = _f(None, help="MLflow tracking URI (a server, sqlite:///..., "
-                                "file:...); default a file store at <output_dir>/mlruns")
+    mlflow_uri: str | None = _f(None, help="MLflow tracking URI (http://server:5000, "
+                                "sqlite:///..., file:...); default sqlite:///<output_dir>/"
+                                "mlflow.db, a local file")
     experiment: str | None = _f(None, help="MLflow experiment name; default the recipe name")
 
     def validate(self) -> None:

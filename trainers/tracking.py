@@ -1,13 +1,14 @@
 """Experiment tracking of one in-process run: metrics.csv always, TensorBoard and MLflow on ask.
 
 ``track.backends: [tensorboard, mlflow]`` in a recipe. TensorBoard event files go to
-``<run folder>/tensorboard``; MLflow runs go to ``track.mlflow_uri`` (default: a file store at
-``<output_dir>/mlruns``), one MLflow run per smallshot run, named after the run folder, with the
-resolved config as parameters. Sweeps log through Ray Tune's own callbacks instead
+``<run folder>/tensorboard``; MLflow runs go to ``track.mlflow_uri`` (default: a local SQLite
+store, ``<output_dir>/mlflow.db``: MLflow 3 refuses plain ``./mlruns`` folders unless
+MLFLOW_ALLOW_FILE_STORE=true), one MLflow run per smallshot run, named after the run folder,
+with the resolved config as parameters. Sweeps log through Ray Tune's own callbacks instead
 (cluster/tune.py), so a trial's ``fit`` writes the CSV only.
 
     tensorboard --logdir runs
-    mlflow ui --backend-store-uri runs/mlruns
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ MLFLOW_RUN_FILE = "mlflow_run_id"
 
 
 def mlflow_uri(cfg: RunConfig) -> str:
-    """The tracking URI: the recipe's, else a file store beside the run folders."""
+    """The tracking URI: the recipe's, else a SQLite file beside the run folders."""
     if cfg.track.mlflow_uri:
         return cfg.track.mlflow_uri
-    return (Path(cfg.train.output_dir).resolve() / "mlruns").as_uri()
+    return f"sqlite:///{Path(cfg.train.output_dir).resolve() / 'mlflow.db'}"
+
+
+def ensure_experiment(cfg: RunConfig, name: str) -> str:
+    """The id of MLflow experiment ``name``, created with its artifacts beside the runs (not
+    in ./mlruns of whatever folder the process happens to run in)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri(cfg))
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (Path(cfg.train.output_dir).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def flat_params(cfg: RunConfig) -> dict[str, str]:
@@ -122,9 +136,7 @@ class _MlflowRun:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
-        name = cfg.track.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        exp_id = ensure_experiment(cfg, cfg.track.experiment or cfg.name)
         id_file = run_dir / MLFLOW_RUN_FILE
         if cfg.train.resume and id_file.is_file():  # a resumed run continues its MLflow run
             self.run_id = id_file.read_text().strip()
