@@ -192,6 +192,21 @@ class ModelServer:
         return JSONResponse({"predictions": rows})
 
 
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for ``args`` (model, batched, max_batch_size, batch_wait_ms,
+    max_inputs, max_chars, max_body_bytes): the import path a RayService's serveConfigV2 or
+    `serve run cluster.serve:build_app model=...` names. Replicas and CPUs come from there."""
+    known = {"model", "batched", "max_batch_size", "batch_wait_ms", *asdict(ServeLimits())}
+    unknown = sorted(set(args) - known)
+    if unknown or "model" not in args:
+        raise ConfigError(f"serve args: {'unknown ' + ', '.join(unknown) if unknown else 'model'}"
+                          f" ({'allowed: ' + ', '.join(sorted(known)) if unknown else 'required'})")
+    limits = ServeLimits(**{k: int(v) for k, v in args.items() if k in asdict(ServeLimits())})
+    batched = str(args.get("batched", True)).lower() not in ("false", "0", "no")
+    return ModelServer.bind(str(args["model"]), batched, int(args.get("max_batch_size", 16)),
+                            float(args.get("batch_wait_ms", 5.0)) / 1000, asdict(limits))
+
+
 def serve_model(model_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 batched: bool = True, max_batch_size: int = 16, batch_wait_s: float = 0.005,
                 replicas: int = 1, cpus_per_replica: float = 1.0, limits: ServeLimits | None = None,
