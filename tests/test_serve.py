@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFIGS, need_shared
+from test_use import SENTENCES, write_digits
 
-from tests.conftest import CONFIGS, need_shared
-from tests.test_use import SENTENCES, write_digits
-from trainers.config import load_config
 from trainers.loop import fit
+from trainers.recipe import load_config
 
 pytestmark = pytest.mark.ray
 

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS
 
-from tests.conftest import CONFIGS
-from trainers.config import load_config
 from trainers.loop import fit
+from trainers.recipe import load_config
 
 TINY = CONFIGS / "tiny-digits.yaml"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, need_shared
 
 import launch
-from tests.conftest import CONFIGS, need_shared
-from trainers.config import load_config
 from trainers.loop import fit
+from trainers.recipe import load_config
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate .",
              "it 's a charming and often affecting journey .", "dull , lifeless and irritating .",
@@ -103,7 +103,8 @@ def image_run(image_root: Path, work: Path) -> Path:
 
 def training_probs(run: Path, texts: list[str]) -> np.ndarray:
     """Probabilities through the training code path: checkpoint, Batcher, the module itself."""
-    from trainers.loop import Batcher, load_checkpoint_model
+    from trainers.batches import Batcher
+    from trainers.checkpoints import load_checkpoint_model
 
     cfg = load_config(run / "config.yaml", check_paths=False)
     classes = json.loads((run / "labels.json").read_text())["classes"]
@@ -217,7 +218,7 @@ def test_hf_export_of_a_mean_pooled_model_and_its_sentence_transformers_body(tex
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from trainers.loop import load_checkpoint_model
+    from trainers.checkpoints import load_checkpoint_model
 
     out = work / "hf-mean"
     rc, stdout, err = run_cli(["export", str(text_run), "--format", "hf", "--out", str(out)],

@@ -13,7 +13,6 @@ sha256, and the largest difference to the PyTorch model's logits measured on pro
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -24,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainers import io
 from trainers.errors import SmallshotError
 from trainers.models import BuiltModel
 from trainers.predictor import EXPORT_RECORD, ModelSource, labels_file, locate_model
+from trainers.registry import Registry
 
 PARITY_GOAL = 1e-4  # max |logit difference| an export should reach
 PARITY_LIMIT = 1e-3  # beyond this the export is refused: it would predict something else
@@ -66,7 +67,7 @@ def _input_shape(src: ModelSource) -> tuple[int, int, int]:
         return d.channels, 8, 8
     from trainers.data import load_image
 
-    labels = json.loads(labels_file(src.folder).read_text())
+    labels = io.read_json(labels_file(src.folder))
     for p in labels.get("train_sources", []):
         if Path(p).is_file():
             return tuple(load_image(Path(p), None, d.channels).shape)  # type: ignore[return-value]
@@ -223,16 +224,17 @@ def export_torchscript(built: BuiltModel, src: ModelSource, tmp: Path) -> dict[s
     return {"max_abs_diff": _max_diff(got, _reference(built, probe))}
 
 
-EXPORTERS: dict[str, Callable[[BuiltModel, ModelSource, Path], dict[str, Any]]] = {
-    "hf": export_hf, "onnx": export_onnx, "torchscript": export_torchscript,
-}
+EXPORTERS: Registry[Callable[[BuiltModel, ModelSource, Path], dict[str, Any]]] = Registry(
+    "export format", "--format")
+EXPORTERS.register("hf", export_hf)
+EXPORTERS.register("onnx", export_onnx)
+EXPORTERS.register("torchscript", export_torchscript)
 
 
 def export_model(model: str | Path, fmt: str, out: str | Path, *,
                  overwrite: bool = False) -> dict[str, Any]:
     """Export the model in ``model`` (a run folder or sweep best/) to ``out``; the record."""
-    if fmt not in EXPORTERS:
-        raise ExportError(f"--format {fmt}: unknown (allowed: {', '.join(EXPORTERS)})")
+    exporter = EXPORTERS.get(fmt)
     src = locate_model(model)
     if src.kind != "checkpoint":
         raise ExportError(f"{src.folder}: already an export ({src.kind}); export from the run "
@@ -243,7 +245,7 @@ def export_model(model: str | Path, fmt: str, out: str | Path, *,
                           f"it)")
     if out.resolve() == src.folder.resolve() or src.folder.resolve() in out.resolve().parents:
         raise ExportError(f"--out {out}: inside the model folder {src.folder}; choose another")
-    from trainers.loop import load_checkpoint_model
+    from trainers.checkpoints import load_checkpoint_model
 
     built = load_checkpoint_model(src.cfg, src.weights.parent, len(src.classes))
     built.module = _merged(built.module).eval()
@@ -252,7 +254,7 @@ def export_model(model: str | Path, fmt: str, out: str | Path, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        details = EXPORTERS[fmt](built, src, tmp)
+        details = exporter(built, src, tmp)
         diff = details.get("max_abs_diff")
         if diff is not None and not diff <= PARITY_LIMIT:
             raise ExportError(f"--format {fmt}: the export's logits differ from the model's by "
@@ -261,8 +263,8 @@ def export_model(model: str | Path, fmt: str, out: str | Path, *,
                   "source": str(src.folder), "source_checkpoint": str(src.weights),
                   "source_sha256": sha256_of(src.weights), "classes": src.classes,
                   "metrics": src.metrics, "recipe": src.cfg.to_dict()}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1, default=str))
-        (tmp / "labels.json").write_text(json.dumps({"classes": src.classes}, indent=1))
+        io.write_json(tmp / EXPORT_RECORD, record)
+        io.write_json(tmp / "labels.json", {"classes": src.classes})
         src.cfg.save(tmp / "smallshot-recipe.yaml")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -22,9 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.config import RunConfig, from_dict, load_config
+from trainers import io
+from trainers.config import RunConfig, from_dict
 from trainers.data import IMAGE_SUFFIXES, TEXT_SUFFIXES, load_image, read_text_file
 from trainers.errors import DataError, SmallshotError
+from trainers.recipe import load_config
+from trainers.registry import Registry
 
 EXPORT_RECORD = "smallshot-export.json"
 WHAT = "a run folder, a sweep's best/ folder or a folder written by `launch.py export`"
@@ -53,7 +56,7 @@ class ModelSource:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return io.read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"{path}: unreadable ({e})") from None
 
@@ -132,7 +135,7 @@ Forward = Callable[[dict[str, torch.Tensor]], np.ndarray]
 
 
 def _checkpoint_forward(src: ModelSource) -> tuple[Forward, Any]:
-    from trainers.loop import load_checkpoint_model
+    from trainers.checkpoints import load_checkpoint_model
 
     built = load_checkpoint_model(src.cfg, src.weights.parent, len(src.classes))
     module = built.module.eval()
@@ -186,19 +189,19 @@ def _torchscript_forward(src: ModelSource) -> tuple[Forward, Any]:
     return forward, None
 
 
-FORWARDS: dict[str, Callable[[ModelSource], tuple[Forward, Any]]] = {
-    "checkpoint": _checkpoint_forward, "hf": _hf_forward, "onnx": _onnx_forward,
-    "torchscript": _torchscript_forward,
-}
+FORWARDS: Registry[Callable[[ModelSource], tuple[Forward, Any]]] = Registry(
+    "model format", f"{EXPORT_RECORD} format")
+FORWARDS.register("checkpoint", _checkpoint_forward)
+FORWARDS.register("hf", _hf_forward)
+FORWARDS.register("onnx", _onnx_forward)
+FORWARDS.register("torchscript", _torchscript_forward)
 
 
 class Predictor:
     """A loaded model with its preprocessing: ``predict(texts or images) -> probabilities``."""
 
     def __init__(self, source: ModelSource):
-        if source.kind not in FORWARDS:
-            raise ModelFolderError(f"{source.folder}: unknown export format {source.kind!r} "
-                                   f"(known: {', '.join(FORWARDS)})")
+        forward = FORWARDS.get(source.kind, field=f"{source.folder / EXPORT_RECORD} format")
         self.source = source
         self.classes = source.classes
         self.modality = source.modality
@@ -207,7 +210,7 @@ class Predictor:
         self.mean = torch.tensor(d.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(d.std).view(1, -1, 1, 1)
         with torch.inference_mode():
-            self._forward, self.tokenizer = FORWARDS[source.kind](source)
+            self._forward, self.tokenizer = forward(source)
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True,
