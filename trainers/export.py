@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainers import io
+from trainers.batches import Batcher
 from trainers.errors import SmallshotError
 from trainers.models import BuiltModel
 from trainers.predictor import EXPORT_RECORD, ModelSource, labels_file, locate_model
@@ -78,10 +79,7 @@ def _input_shape(src: ModelSource) -> tuple[int, int, int]:
 def _probe_inputs(src: ModelSource, built: BuiltModel, batch: int) -> dict[str, torch.Tensor]:
     """Inputs to trace and to compare logits on: texts of several lengths, or random images."""
     if src.modality == "text":
-        texts = (PROBE_TEXTS * batch)[:batch]
-        enc = built.tokenizer(texts, padding=True, truncation=True,
-                              max_length=src.cfg.data.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return Batcher(src.cfg, built, torch.device("cpu")).texts((PROBE_TEXTS * batch)[:batch])
     g = torch.Generator().manual_seed(batch)
     return {"pixels": torch.randn(batch, *_input_shape(src), generator=g)}
 

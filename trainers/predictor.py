@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from trainers import io
+from trainers.batches import Batcher
 from trainers.config import RunConfig, from_dict
 from trainers.data import IMAGE_SUFFIXES, TEXT_SUFFIXES, load_image, read_text_file
 from trainers.errors import DataError, SmallshotError
+from trainers.models import BuiltModel
 from trainers.recipe import load_config
 from trainers.registry import Registry
 
@@ -205,20 +207,16 @@ class Predictor:
         self.source = source
         self.classes = source.classes
         self.modality = source.modality
-        d = source.cfg.data
-        self.max_length = d.max_length
-        self.mean = torch.tensor(d.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std).view(1, -1, 1, 1)
         with torch.inference_mode():
-            self._forward, self.tokenizer = forward(source)
+            self._forward, tokenizer = forward(source)
+        # training's own preprocessing: the same tokenisation and normalisation
+        self.batcher = Batcher(source.cfg, BuiltModel(None, (), tokenizer), torch.device("cpu"))
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self.batcher.texts(list(texts))
 
     def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pixels": (images.float() - self.mean) / self.std}
+        return {"pixels": self.batcher.images(images.float())}
 
     def logits(self, batch: Sequence[str] | torch.Tensor) -> np.ndarray:
         """Logits of one batch: a list of texts, or images as floats in [0, 1], [N, C, H, W]."""
