@@ -343,3 +343,28 @@ def test_bad_exports(text_run, image_run, work, capsys) -> None:
 def test_unknown_tracking_backend_is_refused(capsys) -> None:
     one_line_error(["train", str(CONFIGS / "tiny-digits.yaml"), "track.backends=[wandb]"],
                    capsys, "track.backends", "wandb")
+
+
+def test_lora_adapters_are_merged_before_export() -> None:
+    """A peft-wrapped encoder is folded into plain weights with the same logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.config import ModelConfig
+    from trainers.export import _merged
+    from trainers.models import create_model
+
+    built = create_model(ModelConfig(name="minilm", pooling="mean"), 2)
+    module = built.module.eval()
+    module.encoder = get_peft_model(module.encoder, LoraConfig(r=4, lora_alpha=8,
+                                                               target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapter change something
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    enc = built.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = module(enc["input_ids"], enc["attention_mask"])
+        merged = _merged(module)
+        after = merged(enc["input_ids"], enc["attention_mask"])
+    assert not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

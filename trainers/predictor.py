@@ -152,15 +152,17 @@ def _hf_forward(src: ModelSource) -> tuple[Forward, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    # custom code only for heads plain BERT-style classes cannot express (mean pooling);
-    # it is the file this export wrote, next to the weights
-    custom = bool(src.record.get("custom_code"))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        src.folder, trust_remote_code=custom).eval()
+    hf_logging.disable_progress_bar()
+    if src.record.get("custom_code"):
+        # our own class, never the folder's copy of it: smallshot runs no code from a model folder
+        from trainers.hf_modeling import SmallshotTextForSequenceClassification as cls
+    else:
+        cls = AutoModelForSequenceClassification
+    model = cls.from_pretrained(src.folder).eval()
 
     def forward(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         return model(**inputs).logits.float().numpy()
-    return forward, AutoTokenizer.from_pretrained(src.folder, trust_remote_code=custom)
+    return forward, AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False)
 
 
 def _onnx_forward(src: ModelSource) -> tuple[Forward, Any]:
