@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,41 @@ from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
 from trainers.registry import Registry
+from trainers.steps import train_step
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
 STRATEGIES: Registry[Prepare] = Registry("strategy", "model.strategy")
 PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
 
 
-def register_strategy(name: str) -> Callable[[Prepare], Prepare]:
-    return STRATEGIES.register(name)
+PREPARE_ARGS = ("cfg", "built", "train", "device")  # what every strategy gets; the rest: params
+
+
+def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None
+                      ) -> Callable[[Prepare], Prepare]:
+    """``@register_strategy("x")`` on ``fn(cfg, built, train, device, *, <params>)``: its
+    keyword parameters are the allowed ``model.strategy_params.x``."""
+    return STRATEGIES.register(name, ranges=ranges)
 
 
 def create_strategy(name: str) -> Prepare:
     return STRATEGIES.get(name)
+
+
+def strategy_params(cfg: RunConfig, name: str | None = None) -> dict[str, Any]:
+    """The params of strategy ``name`` (default: model.strategy), checked against its
+    signature; entries for other strategies must name registered ones."""
+    name = name or cfg.model.strategy
+    options = cfg.model.strategy_params
+    for key in options:
+        STRATEGIES.get(key, field="model.strategy_params")
+    return STRATEGIES.check_params(name, options.get(name, {}),
+                                   field=f"model.strategy_params.{name}", skip=PREPARE_ARGS)
+
+
+def apply_strategy(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
+    """Prepare ``built`` with model.strategy and its params (before fit fine-tunes it)."""
+    create_strategy(cfg.model.strategy)(cfg, built, train, device, **strategy_params(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,16 +221,16 @@ class PairModel(nn.Module):
         return F.mse_loss(cos, target.float())
 
 
-def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
-                      device: torch.device) -> tuple[list[float], torch.Tensor]:
+def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
+                      *, iterations: int = 5, lr: float = 2e-5
+                      ) -> tuple[list[float], torch.Tensor]:
     """Train the body on pairs; the per-step pair losses and the new train embeddings."""
-    m = cfg.model
     rank, world_size = world()
-    pairs = make_pairs(train.labels.tolist(), m.contrastive_iterations, cfg.data.seed)
+    pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed)
     order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
     bs = cfg.train.batch_size
     batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-    stage_cfg = cfg.replace({"optim.lr": m.contrastive_lr, "train.grad_accum": 1,
+    stage_cfg = cfg.replace({"optim.lr": lr, "train.grad_accum": 1,
                              "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
@@ -215,15 +239,12 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
         for step, batch in enumerate(batches):
-            torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-            a = [pairs[k][0] for k in batch]
-            b = [pairs[k][1] for k in batch]
-            target = torch.tensor([pairs[k][2] for k in batch], device=device)
-            loss = engine.forward(target=target, **batch_inputs(batcher, train, a, "a_"),
-                                  **batch_inputs(batcher, train, b, "b_"))
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
+            loss, _ = train_step(engine, partial(pair_batch_loss, engine.forward, batcher, train, pairs,
+                                                 batch, device),
+                                 seed=step_seed(cfg.train.seed, step, rank),
+                                 where=f"in the contrastive stage, step {step}",
+                                 lr=lr, lr_field="model.strategy_params.contrastive.lr")
+            losses.append(loss)
         engine.train(False)
         feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
                             batcher, train, cfg.train.eval_batch_size)
@@ -231,10 +252,23 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
     return losses, feats
 
 
-@register_strategy("contrastive")
-def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
-    """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings."""
-    _, feats = contrastive_stage(cfg, built, train, device)
+def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
+                    pairs: list[tuple[int, int, float]], batch: list[int],
+                    device: torch.device) -> torch.Tensor:
+    """The pair loss (a PairModel's forward, or an engine's around it) on pairs ``batch``."""
+    target = torch.tensor([pairs[k][2] for k in batch], device=device)
+    return forward(target=target, **batch_inputs(batcher, split, [pairs[k][0] for k in batch], "a_"),
+                **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
+
+
+@register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0)})
+def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
+                iterations: int = 5, lr: float = 2e-5) -> None:
+    """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
+
+    ``iterations``: pair rounds, each pairs every example with one same-class and one
+    other-class example; ``lr``: learning rate of the pair stage on the body."""
+    _, feats = contrastive_stage(cfg, built, train, device, iterations=iterations, lr=lr)
     probe_head(cfg, built, train, device, feats=feats)
 
 
@@ -247,13 +281,9 @@ def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.dev
     total = 0.0
     with torch.no_grad(), swapped_head(built, nn.Identity()):
         model = PairModel(built.module)
-        for s in range(0, len(pairs), 64):
-            chunk = pairs[s:s + 64]
-            target = torch.tensor([p[2] for p in chunk], device=device)
-            total += float(model(target=target,
-                                 **batch_inputs(batcher, train, [p[0] for p in chunk], "a_"),
-                                 **batch_inputs(batcher, train, [p[1] for p in chunk], "b_"))
-                           ) * len(chunk)
+        for start in range(0, len(pairs), 64):
+            chunk = list(range(start, min(start + 64, len(pairs))))
+            total += float(pair_batch_loss(model, batcher, train, pairs, chunk, device)) * len(chunk)
     built.module.train(True)
     return total / max(1, len(pairs))
 
