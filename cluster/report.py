@@ -336,6 +336,8 @@ def export_best(rep: Report) -> Path | None:
     model = next((c for c in candidates if c.is_file()), None)
     if model is not None:
         shutil.copy2(model, out / "model.pt")
+    if (run_dir / "labels.json").is_file():  # class names: best/ loads as a model on its own
+        shutil.copy2(run_dir / "labels.json", out / "labels.json")
     io.write_json(out / "trial.json",
                   {"trial_id": best.trial_id, "params": best.params, "score": best.score,
                    "std": best.std, "model": str(model) if model else None})

@@ -54,6 +54,7 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
         "train.output_dir": str(Path(sweep_dir) / "runs"), "train.run_name": trial_id,
         "train.monitor": base.tune.metric, "train.mode": base.tune.mode,
         "scaling.storage_path": str(Path(sweep_dir) / "train"),
+        "track.backends": [],  # the sweep's Tune callbacks track trials (tune.tracking_callbacks)
     })
     if base.train.num_threads is None and base.scaling.num_workers == 0:
         overrides["train.num_threads"] = max(1, int(TrialNeeds.from_config(base).driver_cpus))

@@ -201,6 +201,26 @@ def plan_for(cfg: RunConfig) -> Any:
                             "tune.max_concurrent (nodes still to come)")
 
 
+def tracking_callbacks(cfg: RunConfig) -> list[Any]:
+    """Ray Tune's own logger callbacks for ``track.backends``: one MLflow run per trial, in
+    the experiment named by track.experiment (default: the sweep's name). CSV is always on."""
+    from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+
+    from trainers.tracking import ensure_experiment, mlflow_uri
+
+    callbacks: list[Any] = [CSVLoggerCallback()]
+    if "tensorboard" in cfg.track.backends:
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in cfg.track.backends:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        name = cfg.track.experiment or sweep_dir_of(cfg).name
+        ensure_experiment(cfg, name)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(cfg), experiment_name=name,
+                                              tags={"smallshot.recipe": cfg.name}))
+    return callbacks
+
+
 def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
               retry_errored: bool = False, search_seed: int | None = None) -> SweepOutcome:
     """Validate, plan, and run (or resume) the sweep of ``cfg``; return where it lives.
@@ -243,7 +263,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 reuse_actors=False),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                callbacks=[trial_log(t.metric)],
+                callbacks=[trial_log(t.metric), *tracking_callbacks(base)],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)

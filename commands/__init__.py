@@ -18,4 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("jobs", "Stop a submitted job"),
     "list": ("jobs", "Jobs submitted from this machine"),
     "augment-preview": ("augment_preview", "Write a grid (images) or table (text) of augmentations"),
+    "predict": ("predict", "Labels and probabilities for new texts or images"),
+    "evaluate": ("evaluate", "Metrics and a confusion matrix on labelled data"),
+    "export": ("export", "Write a model as an HF folder, ONNX or TorchScript"),
+    "serve": ("serve", "An HTTP JSON endpoint on Ray Serve (POST /predict)"),
 }

@@ -36,7 +36,8 @@ K8S_VERSION = "1.32"
 NAMESPACE = "smallshot"
 
 OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
-SWEEP_OVERLAYS = {"cpu-dev", "gpu"}      # each runs one RayJob; the rest run a RayCluster
+SWEEP_OVERLAYS = {"cpu-dev", "gpu"}      # each runs one RayJob
+SERVE_OVERLAYS = {"serve"}               # one RayService; the rest run a RayCluster
 GPU_OVERLAYS = {"gpu"}
 TRIAL_DRIVER_CPUS = 0.5                  # the {"CPU": 0.5} bundle of each Tune trial's driver
 RECIPE_MOUNT = "/recipes"
@@ -80,6 +81,8 @@ def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def cluster_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "RayService":
+        return obj["spec"]["rayClusterConfig"]
     return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
 
 
@@ -184,18 +187,21 @@ def crd_errors(obj: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_one_workload_in_its_namespace(overlay: str) -> None:
     docs = rendered(overlay)
-    jobs, clusters = of_kind(docs, "RayJob"), of_kind(docs, "RayCluster")
+    kinds = [len(of_kind(docs, k)) for k in ("RayJob", "RayCluster", "RayService")]
     if overlay in SWEEP_OVERLAYS:
-        assert (len(jobs), len(clusters)) == (1, 0), f"{overlay}: want one RayJob only"
+        assert kinds == [1, 0, 0], f"{overlay}: want one RayJob only"
+    elif overlay in SERVE_OVERLAYS:
+        assert kinds == [0, 0, 1], f"{overlay}: want one RayService only"
     else:
-        assert (len(jobs), len(clusters)) == (0, 1), f"{overlay}: want one RayCluster only"
+        assert kinds == [0, 1, 0], f"{overlay}: want one RayCluster only"
     for d in docs:
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == NAMESPACE, f"{d['kind']} outside {NAMESPACE}"
 
 
 def test_every_sweep_overlay_exists() -> None:
-    assert SWEEP_OVERLAYS <= set(OVERLAYS), f"missing overlays: {SWEEP_OVERLAYS - set(OVERLAYS)}"
+    wanted = SWEEP_OVERLAYS | SERVE_OVERLAYS
+    assert wanted <= set(OVERLAYS), f"missing overlays: {wanted - set(OVERLAYS)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -253,6 +259,42 @@ def test_interactive_cluster_is_the_gpu_sweep_cluster() -> None:
     job_cluster = of_kind(rendered("gpu"), "RayJob")[0]["spec"]["rayClusterSpec"]
     assert cluster["authOptions"].pop("secretName")  # a token the user created and knows
     assert cluster == job_cluster
+
+
+def test_serve_cluster_is_the_cpu_sweep_cluster_with_serve_ports() -> None:
+    """The RayService runs the cpu-dev sweep's Ray pods, plus port 8000 and one warm worker."""
+    service = of_kind(rendered("serve"), "RayService")[0]["spec"]["rayClusterConfig"]
+    job_cluster = of_kind(rendered("cpu-dev"), "RayJob")[0]["spec"]["rayClusterSpec"]
+    head = service["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]
+    group = service["workerGroupSpecs"][0]
+    assert group["template"]["spec"]["containers"][0]["ports"] == [
+        {"name": "serve", "containerPort": 8000}]
+    assert group["minReplicas"] == group["replicas"] == 1
+    head["ports"].remove({"name": "serve", "containerPort": 8000})
+    del group["template"]["spec"]["containers"][0]["ports"]
+    group["minReplicas"] = group["replicas"] = 0
+    assert service == job_cluster
+
+
+def test_serve_config_builds_our_application() -> None:
+    """serveConfigV2 parses, names cluster.serve:build_app with args it accepts, and sizes the
+    deployment that function builds (built here for real; binding loads no model)."""
+    pytest.importorskip("ray.serve")
+    import importlib
+
+    service = of_kind(rendered("serve"), "RayService")[0]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["http_options"]["port"] == 8000
+    (app,) = config["applications"]
+    module, _, func = app["import_path"].partition(":")
+    built = getattr(importlib.import_module(module), func)(app["args"])
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {built._bound_deployment.name}
+    cpus = sum(d["num_replicas"] * d["ray_actor_options"]["num_cpus"]
+               for d in app["deployments"])
+    assert group_capacity(service["spec"]["rayClusterConfig"], "cpu") >= cpus
+    assert app["args"]["model"].startswith("/mnt/smallshot/")
 
 
 # ------------------------------------------------------------------------------------------

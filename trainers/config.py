@@ -257,6 +257,25 @@ class TuneConfig:
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
 
 
+TRACK_BACKENDS = ("csv", "tensorboard", "mlflow")
+
+
+@dataclass(kw_only=True)
+class TrackConfig:
+    backends: list[str] = _f(factory=list, help="where metrics go besides metrics.jsonl: "
+                             "tensorboard, mlflow (csv is always on)")
+    mlflow_uri: str | None = _f(None, help="MLflow tracking URI (http://server:5000, "
+                                "sqlite:///..., file:...); default sqlite:///<output_dir>/"
+                                "mlflow.db, a local file")
+    experiment: str | None = _f(None, help="MLflow experiment name; default the recipe name")
+
+    def validate(self) -> None:
+        for b in self.backends:
+            if b not in TRACK_BACKENDS:
+                raise ConfigError(f"track.backends: {b!r} is not a backend (allowed: "
+                                  f"{', '.join(TRACK_BACKENDS)}){did_you_mean(b, TRACK_BACKENDS)}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = _f("run", help="recipe name (run folders derive from it)")
@@ -267,6 +286,7 @@ class RunConfig:
     train: TrainConfig = _f(factory=TrainConfig, help="training loop")
     scaling: ScalingConfig = _f(factory=ScalingConfig, help="Ray Train scaling")
     tune: TuneConfig = _f(factory=TuneConfig, help="Ray Tune sweep")
+    track: TrackConfig = _f(factory=TrackConfig, help="experiment tracking (TensorBoard, MLflow)")
 
     # -- derived ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +299,7 @@ class RunConfig:
             d["train"].pop(k, None)
         d.pop("scaling", None)
         d.pop("tune", None)
+        d.pop("track", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     @property

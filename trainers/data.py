@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def check_data(cfg: DataConfig) -> Loader:
     return loader
 
 
-def _split_file(root: Path, split: str) -> Path | None:
+def split_file(root: Path, split: str) -> Path | None:
     io.check_name(split, "data split name", itself=True)
     for suffix in TEXT_SUFFIXES:
         p = root / f"{split}{suffix}"
@@ -129,7 +130,8 @@ def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def _delimited_rows(path: Path, raw: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+def _delimited_rows(path: Path, raw: str, required: tuple[str, ...],
+                    hint: str) -> list[tuple[int, dict]]:
     """(physical line where the record starts, row) for a TSV (no quoting) or CSV file.
 
     The csv module reads the whole text, so a quoted CSV field may span lines and line numbers
@@ -164,8 +166,7 @@ def _delimited_rows(path: Path, raw: str, required: tuple[str, ...]) -> list[tup
             for col in required:
                 if col not in header:
                     raise DataError(f"{path} line {line}: missing column {col!r} (columns: "
-                                    f"{', '.join(header)}); set data.text_column/"
-                                    f"data.label_column")
+                                    f"{', '.join(header)}); {hint}")
             continue
         if len(values) != len(header):
             raise DataError(f"{path} line {line}: {len(values)} fields, header has "
@@ -176,24 +177,34 @@ def _delimited_rows(path: Path, raw: str, required: tuple[str, ...]) -> list[tup
     return rows
 
 
-def read_text_file(path: Path, text_col: str, label_col: str,
-                   label_text_col: str | None) -> tuple[list[str], list[int], list[str], dict[int, str]]:
-    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and physical line."""
+def read_text_file(path: Path, text_col: str, label_col: str | None, label_text_col: str | None,
+                   hint: str = "set data.text_column/data.label_column"
+                   ) -> tuple[list[str], list[int], list[str], dict[int, str]]:
+    """Read TSV/CSV/JSONL rows; every malformed row is reported with file and physical line.
+
+    ``label_col=None`` reads texts only (prediction): labels come back empty.
+    """
     texts, labels, sources, names = [], [], [], {}
     raw = _decode(path)
     if path.suffix == ".jsonl":
         rows = _jsonl_rows(path, raw)
     else:
-        rows = _delimited_rows(path, raw, (text_col, label_col))
+        required = tuple(c for c in (text_col, label_col) if c is not None)
+        rows = _delimited_rows(path, raw, required, hint)
     if not rows:
         raise DataError(f"{path}: no examples (only a header or blank lines)")
     for n, row in rows:
-        if text_col not in row or label_col not in row:
+        if text_col not in row or (label_col is not None and label_col not in row):
             missing = text_col if text_col not in row else label_col
             raise DataError(f"{path} line {n}: missing column {missing!r}")
-        text, label = row[text_col], row[label_col]
+        text = row[text_col]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path} line {n}: empty text in column {text_col!r}")
+        texts.append(text)
+        sources.append(f"{path}:{n}")
+        if label_col is None:
+            continue
+        label = row[label_col]
         try:
             if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
                 raise ValueError
@@ -205,9 +216,7 @@ def read_text_file(path: Path, text_col: str, label_col: str,
         if label_i >= MAX_CLASSES:
             raise DataError(f"{path} line {n}: label {label_i} is too large (class indices "
                             f"are 0..C-1, at most {MAX_CLASSES - 1})")
-        texts.append(text)
         labels.append(label_i)
-        sources.append(f"{path}:{n}")
         if label_text_col and label_text_col in row:
             names.setdefault(label_i, str(row[label_text_col]))
     return texts, labels, sources, names
@@ -220,7 +229,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
     names: dict[int, str] = {}
     wanted = [s for s in (cfg.train_split, cfg.test_split) if s]
     for split in wanted:
-        path = root if root.is_file() else _split_file(root, split)
+        path = root if root.is_file() else split_file(root, split)
         if path is None:
             raise DataError(f"data.root={cfg.root}: no {split}.tsv/.csv/.jsonl for split "
                             f"{split!r}")
@@ -244,7 +253,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
     return "text", classes, splits
 
 
-def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
+def load_image(path: Path | BinaryIO, size: int | None, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -270,7 +279,7 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _image_classes(split_root: Path, depth: int) -> dict[str, Path]:
+def image_classes(split_root: Path, depth: int) -> dict[str, Path]:
     """Class folders ``depth`` levels down; hidden ones (.ipynb_checkpoints, .git) are not
     classes, as in torchvision's ImageFolder."""
     dirs = [split_root]
@@ -294,7 +303,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
                 split_root = root  # a single folder of classes; the test set is the remainder
             else:
                 raise DataError(f"data.root={cfg.root}: no folder {split!r} for that split")
-        found = _image_classes(split_root, cfg.class_depth)
+        found = image_classes(split_root, cfg.class_depth)
         if classes is None:
             classes = sorted(found)
             if cfg.max_classes:
@@ -314,7 +323,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
                 labels.append(label)
         if not images:
             raise DataError(f"{split_root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        tensors = [_load_image(p, cfg.image_size, cfg.channels) for p in images]
+        tensors = [load_image(p, cfg.image_size, cfg.channels) for p in images]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise DataError(f"{split_root}: images of different sizes {sorted(shapes)[:3]}; set "

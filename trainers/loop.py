@@ -54,6 +54,7 @@ from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.steps import train_step
 from trainers.strategies import apply_strategy
+from trainers.tracking import Tracker
 
 
 @dataclass
@@ -206,6 +207,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     window_loss: float = 0.0  # train loss summed since the last evaluation
     window_n: int = 0
+    tracker: Tracker | None = None  # rank 0: metrics.csv, TensorBoard, MLflow
 
 
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
@@ -262,7 +264,8 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
         cfg = cfg.replace({"train.grad_accum": plan.grad_accum})
     engine = create_engine(cfg, built.module, device, plan.total_steps)
     return Run(cfg, hooks, rank, world_size, run_dir, data, train_split, augment, built, device,
-               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), resume_dir)
+               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), resume_dir,
+               tracker=Tracker(cfg, run_dir) if rank == 0 else None)
 
 
 @torch.no_grad()
@@ -406,6 +409,7 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
     if run.rank == 0:
         with (run.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+        run.tracker.log(row)
     ckpt = None
     if t.save_checkpoints:
         ckpt = run.ckpts.save(run.engine, progress.to_dict(), best=improved or value is None)
@@ -444,6 +448,7 @@ def finish(run: Run, progress: Progress) -> RunResult:
         summary["best_checkpoint"] = str(final_dir)
     if run.rank == 0:
         io.write_json(run.run_dir / "result.json", summary)
+        run.tracker.finish(final)
     if run.hooks.on_finish is not None:  # the last evaluation's row with the final metrics
         run.hooks.on_finish({**(progress.history[-1] if progress.history else {}), **final},
                             final_dir)
