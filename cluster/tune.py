@@ -543,6 +543,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     """The Tune trainable: one trial = one config, trained in-process or on Ray Train."""
     from ray import tune
 
+    runner = _prepare_runner()
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     cfg = trial_config(from_dict(base, source="sweep config"), config, trial_id, sweep_dir)
@@ -552,7 +553,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     record.parent.mkdir(parents=True, exist_ok=True)
     info = {"trial_id": trial_id, "params": {k: v for k, v in config.items()
                                              if COND_SEP not in k},
-            "started": time.time(), "pid": os.getpid(), "node_id": _node_id()}
+            "started": time.time(), "pid": os.getpid(), "node_id": _node_id(), **runner}
     _write_json(record, info)
     try:
         if cfg.data.folds > 1:
@@ -563,6 +564,28 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
         info["ended"] = time.time()
         _write_json(record, info)
         _release_memory()
+
+
+# Tune reuses a runner only once the previous trial's thread has unwound (stopped trials unwind
+# from inside tune.report); past this wait (Tune's default: 2 s) Ray 2.60 errors the next trial
+# and never tells the searcher, whose concurrency slot then stays taken: the sweep hangs.
+UNWIND_WAIT_S = "600"
+_RUNNER = {"trials": 0, "frozen": False}
+
+
+def _prepare_runner() -> dict[str, Any]:
+    """Set this trial process up as a warm runner; return what trial.json records of it."""
+    import psutil
+
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = UNWIND_WAIT_S  # read by Tune at each reset
+    if not _RUNNER["frozen"]:
+        # what is alive now (Ray, torch, transformers) lives as long as the process: keep it out
+        # of the collections that free each trial's model (a full one took ~1 s here)
+        gc.freeze()
+        _RUNNER["frozen"] = True
+    _RUNNER["trials"] += 1
+    return {"runner_trial": _RUNNER["trials"],
+            "process_started": psutil.Process().create_time()}
 
 
 def _run_once(cfg: RunConfig, trial_id: str) -> None:
@@ -734,7 +757,8 @@ def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                               f"--resume)")
         before = yaml.safe_load(stored.read_text())
         now = _sweep_config(cfg).to_dict()
-        diff = _differences(before, now)
+        # how trials are run may change between runs of a sweep, not what they learn
+        diff = [d for d in _differences(before, now) if d != "tune.reuse_runners"]
         if diff:
             raise ConfigError(f"--resume: the recipe differs from the sweep at {sweep_dir} in "
                               f"{', '.join(diff[:4])}; resume with the same recipe and overrides, "
@@ -785,6 +809,13 @@ def plan_for(cfg: RunConfig) -> Any:
                             "tune.max_concurrent (nodes still to come)")
 
 
+def reuses_runners(cfg: RunConfig) -> bool:
+    """Whether trials share warm processes: only in-process ones. A Ray Train trial waits in
+    TorchTrainer.fit, where Tune's stop (raised inside tune.report) never reaches: its workers
+    would train on after ASHA stopped it, and the runner could not be handed on."""
+    return cfg.tune.reuse_runners and cfg.scaling.num_workers == 0
+
+
 def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
               retry_errored: bool = False, search_seed: int | None = None) -> SweepOutcome:
     """Validate, plan, and run (or resume) the sweep of ``cfg``; return where it lives.
@@ -821,10 +852,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 metric=t.metric, mode=t.mode, search_alg=search_alg,
                 scheduler=SCHEDULERS[t.scheduler](base), num_samples=t.num_samples,
                 time_budget_s=t.time_budget_s, trial_dirname_creator=trial_dirname,
-                # One fresh process per trial: a stopped trial's memory (GPU included) goes
-                # with its process. Reusing processes saves ~2 s per trial but Tune 2.60
-                # hung here when a stopped trial's thread was slow to return (reset fails).
-                reuse_actors=False),
+                reuse_actors=reuses_runners(base)),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
                 callbacks=[trial_log(t.metric)],

@@ -7,6 +7,7 @@ returns logits, and which names its fresh head (``head_prefixes``) so freezing, 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers import warm
 from trainers.config import ModelConfig
 from trainers.errors import CheckpointError, ConfigError
 
@@ -52,6 +54,13 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    stat = path.stat()
+    key = ("file", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    # read once per process; load_state_dict copies the tensors, so the kept ones stay as read
+    return dict(warm.keep("pretrained", key, lambda: _read_state_file(path)))
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, unsafe globals
@@ -130,15 +139,34 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
                           f"(no config.json)")
     hf_logging.set_verbosity_error()  # "newly initialized weights" is expected: the head is new
     hf_logging.disable_progress_bar()
-    conf = AutoConfig.from_pretrained(folder)
-    if cfg.pretrained:
-        encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
+    if cfg.pretrained:  # loaded once per process; each run trains its own copy
+        conf, pristine, tokenizer = warm.keep("pretrained", ("hf", _files_key(folder)),
+                                              lambda: _load_hf(folder))
+        encoder = copy.deepcopy(pristine)
     else:
+        conf = AutoConfig.from_pretrained(folder)
         encoder = AutoModel.from_config(conf, add_pooling_layer=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     dropout = cfg.dropout if cfg.dropout is not None else getattr(conf, "hidden_dropout_prob", 0.1)
     model = TextClassifier(encoder, num_classes, cfg.pooling, dropout, cfg.normalize)
     return BuiltModel(model, ("head.",), tokenizer, "text")
+
+
+def _load_hf(folder: Path) -> tuple[Any, nn.Module, Any]:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    conf = AutoConfig.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # a load draws nothing from the run's seeded RNG
+        encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
+    encoder.eval()  # the kept copy is never trained; fit sets the mode of its own copy
+    return conf, encoder, AutoTokenizer.from_pretrained(folder)
+
+
+def _files_key(folder: Path) -> tuple:
+    """A folder's identity for the cache: its path and the state of its files."""
+    folder = folder.resolve()
+    return (str(folder),) + tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                         for p in folder.iterdir() if p.is_file()))
 
 
 @register_model("minilm")
