@@ -554,6 +554,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     info = {"trial_id": trial_id, "params": {k: v for k, v in config.items()
                                              if COND_SEP not in k},
             "started": time.time(), "pid": os.getpid(), "node_id": _node_id(), **runner}
+    t0 = time.perf_counter()
+    import trainers.loop  # noqa: F401 - torch & co: paid once per runner, timed for benchmarks
+
+    info["imports_s"] = round(time.perf_counter() - t0, 4)
     _write_json(record, info)
     try:
         if cfg.data.folds > 1:
@@ -817,10 +821,12 @@ def reuses_runners(cfg: RunConfig) -> bool:
 
 
 def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-              retry_errored: bool = False, search_seed: int | None = None) -> SweepOutcome:
+              retry_errored: bool = False, search_seed: int | None = None,
+              callbacks: list | None = None) -> SweepOutcome:
     """Validate, plan, and run (or resume) the sweep of ``cfg``; return where it lives.
 
-    ``search_seed`` seeds the search algorithm's sampling (default: train.seed).
+    ``search_seed`` seeds the search algorithm's sampling (default: train.seed); ``callbacks``
+    are more Tune callbacks (e.g. a benchmark's timeline).
     """
     space = parse_space(cfg)
     check_sweep(cfg)
@@ -855,7 +861,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 reuse_actors=reuses_runners(base)),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                callbacks=[trial_log(t.metric)],
+                callbacks=[trial_log(t.metric), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)

@@ -31,6 +31,7 @@ from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.strategies import create_strategy
+from trainers.timing import Laps
 
 
 class TrainingError(SmallshotError):
@@ -56,6 +57,7 @@ class RunResult:
     steps: int = 0
     best_checkpoint: Path | None = None
     stopped_early: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (trainers.timing)
 
 
 def print0(*args: Any) -> None:
@@ -287,18 +289,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
     """Train ``cfg`` and return the final metrics; the only training loop in smallshot."""
     hooks = hooks or Hooks()
+    laps = Laps()
     rank, world_size = world()
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run_dir = prepare_run_dir(cfg, rank)
     _barrier()
+    laps.mark("setup")
     data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
         save_label_map(data, run_dir)
     device = pick_device(cfg, hooks.local_rank)
+    laps.mark("data")
     torch.manual_seed(t.seed)
     built = create_model(cfg.model, data.num_classes)
+    laps.mark("model")
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
@@ -316,6 +322,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
         create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
+    laps.mark("strategy")
 
     full_batch = optimizer_spec(cfg.optim.name).full_batch
     per_rank = math.ceil(len(train_split) / world_size)
@@ -329,6 +336,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     engine = create_engine(cfg, built.module, device, total_steps)
     batcher = Batcher(cfg, built, device)
     ckpts = Checkpoints(run_dir, rank)
+    laps.mark("engine")
 
     progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
                 "history": []}
@@ -358,6 +366,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     def run_evaluation(epoch_float: float) -> bool:
         """Evaluate, log, checkpoint, report; True when early stopping says stop."""
         nonlocal best_ckpt, window_loss, window_n
+        laps.mark("train")
         if world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
             sums = torch.tensor([window_loss, float(window_n)], dtype=torch.float64)
             torch.distributed.all_reduce(sums)
@@ -369,6 +378,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         if data.val is not None:
             row.update(evaluate(engine, batcher, data.val, data.num_classes, t.eval_batch_size,
                                 "val"))
+        laps.mark("evaluate")
         value = row.get(t.monitor)
         improved = False
         if value is not None:
@@ -390,8 +400,10 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
             ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
             if improved or value is None:
                 best_ckpt = ckpt
+        laps.mark("checkpoints")
         if hooks.on_evaluation is not None:
             hooks.on_evaluation(row, ckpt)
+        laps.mark("report")
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
                          if k in ("train/loss", t.monitor)})
         return stop
@@ -441,6 +453,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
             if stopped_early or at_end:
                 break
     bar.close()
+    laps.mark("train")
 
     # final evaluation on the test split, with the best weights when validation chose them
     final: dict[str, Any] = {}
@@ -459,12 +472,14 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     summary = {"metrics": final, "stopped_early": stopped_early,
                "best_checkpoint": str(best_ckpt) if best_ckpt else None}
     final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
+    laps.mark("final")
+    summary["timings"] = laps.rounded()  # wall seconds per phase, up to the final report
     if rank == 0:
         _write_json(run_dir / "result.json", summary)
     if hooks.on_finish is not None:
         hooks.on_finish(final, final_dir)
     return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
-                     best_ckpt, stopped_early)
+                     best_ckpt, stopped_early, laps.rounded())
 
 
 def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
