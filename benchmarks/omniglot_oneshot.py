@@ -92,7 +92,7 @@ def pixels_nn(run: Path, ctx: dict[str, Any]) -> float:
 
 
 def recipe(model: str, out: str, extra: list[str] = ()) -> Any:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
 
     return load_config(RECIPE, [f"model.name={model}", f"train.output_dir={out}",
                                 "train.progress=false", "train.save_checkpoints=false",

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import markdown_table, write_results
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SLEEP_S = 0.5

@@ -34,12 +34,10 @@ so that one process (and one GPU) suffices per trial.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import re
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +45,12 @@ from typing import Any, Callable
 
 import yaml
 
+from trainers import io
+from trainers.checks import check_names
 from trainers.config import RunConfig, from_dict
 from trainers.errors import ConfigError
+from trainers.metrics import final_row, mean_std, numeric
+from trainers.registry import Registry
 
 COND_SEP = "@"  # optim.lr@sgd: the sgd branch of a conditional optim.lr (Optuna parameter)
 TRIAL_RECORD = "trial.json"
@@ -128,7 +130,8 @@ def _optuna_categorical(trial: Any, name: str, args: tuple) -> Any:
     return trial.suggest_categorical(name, list(args))
 
 
-DISTRIBUTIONS: dict[str, DistSpec] = {
+DISTRIBUTIONS: Registry[DistSpec] = Registry("distribution", "tune.space")
+for _name, _spec in {
     "choice": DistSpec((1, 10_000), True, _categories, lambda a: list(a),
                        lambda a: _tune().choice(list(a)), _optuna_categorical),
     "grid": DistSpec((1, 10_000), True, _categories, lambda a: list(a),
@@ -158,7 +161,8 @@ DISTRIBUTIONS: dict[str, DistSpec] = {
                            lambda a: [a[0], a[1], round(math.sqrt(a[0] * a[1]))],
                            lambda a: _tune().lograndint(a[0], a[1] + 1),
                            lambda t, n, a: t.suggest_int(n, a[0], a[1], log=True)),
-}
+}.items():
+    DISTRIBUTIONS.register(_name, _spec)
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class Dist:
 
     @property
     def spec(self) -> DistSpec:
-        return DISTRIBUTIONS[self.kind]
+        return DISTRIBUTIONS.get(self.kind)
 
     @property
     def categorical(self) -> bool:
@@ -176,7 +180,7 @@ class Dist:
 
     def to_tune(self, grid: bool = False) -> Any:
         if grid and self.kind == "choice":
-            return DISTRIBUTIONS["grid"].tune(self.args)
+            return DISTRIBUTIONS.get("grid").tune(self.args)
         return self.spec.tune(self.args)
 
     def suggest(self, trial: Any, name: str) -> Any:
@@ -234,14 +238,7 @@ def parse_dist(text: Any, where: str) -> Dist:
         raise ConfigError(f"{where}: {text!r} is not of the form name[arguments], e.g. "
                           f"'loguniform[1e-5, 1e-1]'")
     kind = m.group(1).lower()
-    if kind not in DISTRIBUTIONS:
-        import difflib
-
-        hint = difflib.get_close_matches(kind, list(DISTRIBUTIONS), n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: unknown distribution {kind!r} (known: "
-                          f"{', '.join(DISTRIBUTIONS)}){extra}")
-    spec = DISTRIBUTIONS[kind]
+    spec = DISTRIBUTIONS.get(kind, field=where)
     try:
         args = yaml.safe_load(f"[{m.group(2)}]")
     except yaml.YAMLError:
@@ -373,20 +370,10 @@ def _check_values(cfg: RunConfig, name: str, dist: Dist, where: str) -> None:
     """Build a RunConfig with each value the distribution can produce (bounds, midpoints)."""
     for value in dist.spec.probes(dist.args):
         try:
-            built = cfg.replace({name: value}, source=f"{where}={dist}")
-            check_registries(built)
+            check_names(cfg.replace({name: value}, source=f"{where}={dist}"))
         except ConfigError as e:
             raise ConfigError(f"{where}: value {value!r} of {dist} is not allowed: "
                               f"{str(e).split(': ', 1)[-1]}") from None
-
-
-def check_registries(cfg: RunConfig) -> None:
-    """Names a RunConfig holds as free strings but only some registry entries make real."""
-    from trainers.models import model_factory
-    from trainers.optim import optimizer_spec
-
-    optimizer_spec(cfg.optim.name)
-    model_factory(cfg.model.name)
 
 
 def _parse_conditional(cfg: RunConfig, name: str, value: dict, plain: dict[str, Dist]
@@ -447,10 +434,8 @@ def check_sweep(cfg: RunConfig) -> None:
     if t.metric.startswith("val/") and not (cfg.data.val_shots or cfg.data.folds):
         raise ConfigError(f"tune.metric={t.metric!r} needs validation data: set data.val_shots "
                           f"(held-out examples per class) or data.folds (k-fold)")
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler={t.scheduler!r}: not supported here (supported: "
-                          f"{', '.join(SCHEDULERS)}); population-based training needs trials that "
-                          f"restart from each other's optimizer state, which fit does not expose")
+    SEARCHES.get(t.search)
+    SCHEDULERS.get(t.scheduler)
 
 
 def expected_iterations(cfg: RunConfig) -> int:
@@ -490,11 +475,11 @@ def _optuna(cfg: RunConfig, space: SearchSpace, concurrent: int, seed: int) -> t
 
 
 # search name -> (config, space, max concurrent trials, seed) -> (search_alg, param_space)
-SEARCHES: dict[str, Callable[[RunConfig, SearchSpace, int, int], tuple[Any, dict]]] = {
-    "random": _random,
-    "grid": _grid,
-    "optuna": _optuna,
-}
+SEARCHES: Registry[Callable[[RunConfig, SearchSpace, int, int], tuple[Any, dict]]] = Registry(
+    "search algorithm", "tune.search")
+SEARCHES.register("random", _random)
+SEARCHES.register("grid", _grid)
+SEARCHES.register("optuna", _optuna)
 
 
 def _fifo(cfg: RunConfig) -> Any:
@@ -511,7 +496,11 @@ def _asha(cfg: RunConfig) -> Any:
                          grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
-SCHEDULERS: dict[str, Callable[[RunConfig], Any]] = {"none": _fifo, "asha": _asha}
+# Population-based training is not offered: its trials restart from each other's optimizer
+# state, which fit does not expose.
+SCHEDULERS: Registry[Callable[[RunConfig], Any]] = Registry("scheduler", "tune.scheduler")
+SCHEDULERS.register("none", _fifo)
+SCHEDULERS.register("asha", _asha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,10 +524,6 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
     return base.replace(overrides, source=f"trial {trial_id}")
 
 
-def _numeric(row: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
-
-
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
     """The Tune trainable: one trial = one config, trained in-process or on Ray Train."""
     from ray import tune
@@ -558,7 +543,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     import trainers.loop  # noqa: F401 - torch & co: paid once per runner, timed for benchmarks
 
     info["imports_s"] = round(time.perf_counter() - t0, 4)
-    _write_json(record, info)
+    io.write_json(record, info)
     try:
         if cfg.data.folds > 1:
             _run_folds(cfg, trial_id)
@@ -566,7 +551,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
         info["ended"] = time.time()
-        _write_json(record, info)
+        io.write_json(record, info)
         _release_memory()
 
 
@@ -606,15 +591,11 @@ def _run_once(cfg: RunConfig, trial_id: str) -> None:
 
     def on_evaluation(row: dict[str, Any], _folder: Path | None) -> None:
         last.update(row)
-        tune.report(_numeric(row))
+        tune.report(numeric(row))
 
     def on_finish(metrics: dict[str, Any], _folder: Path | None) -> None:
         # the same final row a Ray Train worker sends: the best value of the monitored metric
-        row = {**_numeric(last), **_numeric(metrics)}
-        best = metrics.get(f"best_{cfg.train.monitor}")
-        if best is not None:
-            row[cfg.train.monitor] = best
-        tune.report(row)
+        tune.report({**numeric(last), **final_row(metrics, cfg.train.monitor)})
 
     fit(cfg, Hooks(on_evaluation=on_evaluation, on_finish=on_finish))
 
@@ -632,10 +613,10 @@ def _run_folds(cfg: RunConfig, trial_id: str) -> None:
             raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run reports "
                               f"({', '.join(sorted(last))})")
         scores.append(float(last[metric]))
-        row = {k: v for k, v in _numeric(last).items() if not k.startswith("val/")}
-        row.update({metric: statistics.fmean(scores),
-                    f"{metric}_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
-                    f"{metric}_fold": scores[-1], "fold": fold + 1})
+        row = {k: v for k, v in numeric(last).items() if not k.startswith("val/")}
+        mean, std = mean_std(scores)
+        row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
+                    "fold": fold + 1})
         tune.report(row)
 
 
@@ -645,8 +626,8 @@ def _train_fold(cfg: RunConfig, trial_id: str, fold: int) -> dict[str, Any]:
         result = _trainer(cfg, f"{trial_id}-fold-{fold}", report_to_tune=False).fit()
         if result.error is not None:
             raise result.error
-        lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1]) if lines else {}
+        rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+        return rows[-1] if rows else {}
     from trainers.loop import fit
 
     result = fit(cfg)
@@ -681,12 +662,6 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -740,15 +715,7 @@ def sweep_dir_of(cfg: RunConfig) -> Path:
 def _sweep_config(cfg: RunConfig) -> RunConfig:
     """The config the sweep stores and trials start from: absolute paths (Tune runs each
     trial in its own working folder, where ../shared/... would point elsewhere)."""
-    import dataclasses
-
-    paths = {"train.output_dir": os.path.abspath(cfg.train.output_dir)}
-    for section in ("data", "model"):
-        for f in dataclasses.fields(getattr(cfg, section)):
-            value = getattr(getattr(cfg, section), f.name)
-            if f.metadata.get("path") and value and "://" not in value:
-                paths[f"{section}.{f.name}"] = os.path.abspath(value)
-    return cfg.replace(paths)
+    return cfg.with_absolute_paths()
 
 
 def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
@@ -759,7 +726,7 @@ def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
         if not stored.is_file():
             raise ConfigError(f"--resume: no sweep to resume at {sweep_dir} (start it without "
                               f"--resume)")
-        before = yaml.safe_load(stored.read_text())
+        before = io.load_yaml(stored)
         now = _sweep_config(cfg).to_dict()
         # how trials are run may change between runs of a sweep, not what they learn
         diff = [d for d in _differences(before, now) if d != "tune.reuse_runners"]
@@ -849,14 +816,14 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                                    resume_errored=False, restart_errored=retry_errored)
     else:
         seed = cfg.train.seed if search_seed is None else search_seed
-        search_alg, param_space = SEARCHES[cfg.tune.search](base, space, plan.max_concurrent,
+        search_alg, param_space = SEARCHES.get(cfg.tune.search)(base, space, plan.max_concurrent,
                                                             seed)
         t = cfg.tune
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=t.metric, mode=t.mode, search_alg=search_alg,
-                scheduler=SCHEDULERS[t.scheduler](base), num_samples=t.num_samples,
+                scheduler=SCHEDULERS.get(t.scheduler)(base), num_samples=t.num_samples,
                 time_budget_s=t.time_budget_s, trial_dirname_creator=trial_dirname,
                 reuse_actors=reuses_runners(base)),
             run_config=tune.RunConfig(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, need_shared
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
@@ -37,7 +37,9 @@ def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
     from cluster.train import train_distributed
     from trainers.data import load_dataset
     from trainers.engines import Engine
-    from trainers.loop import Batcher, evaluate, load_checkpoint_model
+    from trainers.batches import Batcher
+    from trainers.checkpoints import load_checkpoint_model
+    from trainers.loop import evaluate
     from trainers.models import create_model
 
     cfg = load_config(CONFIGS / "sst2-minilm.yaml", [

@@ -27,6 +27,7 @@ from torch import nn
 from trainers.config import RunConfig
 from trainers.errors import CheckpointError, ConfigError
 from trainers.optim import create_optimizer, create_scheduler
+from trainers.registry import Registry
 
 
 def world() -> tuple[int, int]:
@@ -303,14 +304,18 @@ def check_batch_sizes(ds: dict[str, Any], world_size: int) -> None:
             f"{micro * accum * world_size}; set train.batch_size / train.grad_accum")
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {
-    "plain": Engine, "ddp": DDPEngine, "deepspeed": DeepSpeedEngine,
-}
+def _auto(cfg: RunConfig, module: nn.Module, device: torch.device, total_steps: int) -> Engine:
+    """DDP when a process group of more than one rank exists, else plain."""
+    return (DDPEngine if world()[1] > 1 else Engine)(cfg, module, device, total_steps)
+
+
+ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "train.engine")
+ENGINES.register("auto", _auto)
+ENGINES.register("plain", Engine)
+ENGINES.register("ddp", DDPEngine)
+ENGINES.register("deepspeed", DeepSpeedEngine)
 
 
 def create_engine(cfg: RunConfig, module: nn.Module, device: torch.device,
                   total_steps: int) -> Engine:
-    name = cfg.train.engine
-    if name == "auto":
-        name = "ddp" if world()[1] > 1 else "plain"
-    return ENGINES[name](cfg, module, device, total_steps)
+    return ENGINES.get(cfg.train.engine)(cfg, module, device, total_steps)

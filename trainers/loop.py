@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainers import augmenting
+from trainers import augmenting, io
+from trainers.batches import Batcher, epoch_order, make_train_batch, seed_step, step_seed
+from trainers.checkpoints import (Checkpoints, barrier, ensure_space, load_weights,
+                                  prepare_run_dir, write_final)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import create_engine, pick_device, world
-from trainers.errors import CheckpointError, SmallshotError
+from trainers.errors import SmallshotError
 from trainers.metrics import classification_metrics
-from trainers.models import BuiltModel, create_model
+from trainers.models import create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.strategies import create_strategy
 from trainers.timing import Laps
@@ -66,78 +66,6 @@ def print0(*args: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Batches
-
-
-class Batcher:
-    """Turns examples into model inputs on the device: tokenises text, normalises images."""
-
-    def __init__(self, cfg: RunConfig, built: BuiltModel, device: torch.device):
-        self.cfg = cfg
-        self.tokenizer = built.tokenizer
-        self.device = device
-        d = cfg.data
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
-
-    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.cfg.data.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device),
-                "attention_mask": enc["attention_mask"].to(self.device)}
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def inputs(self, split: Split, idx: list[int]) -> dict[str, torch.Tensor]:
-        if isinstance(split.inputs, torch.Tensor):
-            x = split.inputs[torch.as_tensor(idx)].to(self.device, non_blocking=True)
-            return {"pixels": self.images(x)}
-        return self.texts([split.inputs[i] for i in idx])
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """The example order of one epoch for one rank: a shared shuffle, strided over ranks."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if world_size > 1:  # pad so every rank takes the same number of steps
-        order += order[: (-len(order)) % world_size]
-        order = order[rank::world_size]
-    return order
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 2_147_483 + step * 7919 + rank * 104_729) % (2 ** 63)
-
-
-def seed_step(seed: int, device: torch.device) -> None:
-    # torch.manual_seed also walks every lazily seeded accelerator (~250 µs a call on a CUDA
-    # build without a GPU); seeding only the generators this step uses costs ~5 µs
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-
-
-def make_train_batch(split: Split, idx: list[int], batcher: Batcher, augment, num_classes: int,
-                     seed: int, device: torch.device) -> tuple[dict[str, torch.Tensor],
-                                                              torch.Tensor]:
-    """Inputs and targets of one training micro batch, augmented online when asked."""
-    targets = split.labels[torch.as_tensor(idx)].to(device)
-    if augment is None:
-        return batcher.inputs(split, idx), targets
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if isinstance(split.inputs, torch.Tensor):
-        x = augment.images(split.inputs[torch.as_tensor(idx)].to(device), gen)
-        x, targets = augment.mix(x, targets, num_classes, gen)
-        return {"pixels": batcher.images(x)}, targets
-    texts = augment.texts([split.inputs[i] for i in idx], random.Random(seed))
-    inputs = batcher.texts(texts)
-    inputs["input_ids"] = augment.tokens(inputs["input_ids"], inputs["attention_mask"], gen,
-                                         batcher.tokenizer.mask_token_id)
-    return inputs, targets
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -161,110 +89,7 @@ def evaluate(engine, batcher: Batcher, split: Split, num_classes: int, batch_siz
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class Checkpoints:
-    """checkpoints/step-NNNNNNN folders plus `latest`/`best` pointer files; keeps last + best."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.root = run_dir / "checkpoints"
-        self.rank = rank
-
-    def pointer(self, name: str) -> Path | None:
-        p = self.root / name
-        if not p.is_file():
-            return None
-        target = self.root / p.read_text().strip()
-        return target if target.is_dir() else None
-
-    def save(self, engine, progress: dict[str, Any], best: bool,
-             barrier: Callable[[], None]) -> Path:
-        name = f"step-{progress['global_step']:07d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        tmp.mkdir(parents=True, exist_ok=True)  # every node, shared filesystem or not
-        engine.save(tmp, self.rank)
-        barrier()
-        if self.rank == 0:
-            _write_json(tmp / "progress.json", progress)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            _write_json_text(self.root / "latest", name)
-            if best:
-                _write_json_text(self.root / "best", name)
-            self._prune({name, *(p.name for p in (self.pointer("best"),) if p)})
-        barrier()
-        if self.rank != 0 and tmp.is_dir():  # a node without rank 0 (no shared filesystem)
-            try:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            except OSError:
-                pass  # another rank of this node renamed it first
-        barrier()
-        return final
-
-    def _prune(self, keep: set[str]) -> None:
-        for p in self.root.glob("step-*"):
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
-    """Create the run folder (checking it is writable) and save the resolved config."""
-    run_dir = cfg.run_dir
-    if rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
-        except OSError as e:
-            raise SmallshotError(f"train.output_dir={cfg.train.output_dir!r}: cannot write run "
-                                 f"folder {run_dir} ({e.strerror or e})") from None
-        if not cfg.train.resume:
-            for stale in ("checkpoints", "metrics.jsonl", "result.json"):
-                p = run_dir / stale
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        cfg.save(run_dir / "config.yaml")
-    return run_dir
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
-
-
-def ensure_space(run_dir: Path, module: torch.nn.Module, cfg: RunConfig) -> None:
-    """Refuse to start when the disk cannot hold the checkpoints this run will write."""
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    # last + best + final, each weights plus up to two optimizer moments, plus slack for a rename
-    needed = int(weights * 3 * 3 * 1.1)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise SmallshotError(
-            f"train.output_dir={cfg.train.output_dir!r}: {free / 2**20:.1f} MiB free on that disk, "
-            f"checkpoints of this model need about {needed / 2**20:.1f} MiB; free space, choose "
-            f"another train.output_dir or set train.save_checkpoints=false")
 
 
 def resume_source(cfg: RunConfig, hooks: Hooks) -> Path | None:
@@ -295,7 +120,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run_dir = prepare_run_dir(cfg, rank)
-    _barrier()
+    barrier()
     laps.mark("setup")
     data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
@@ -343,11 +168,10 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     resume_dir = resume_source(cfg, hooks)
     if resume_dir is not None:
         if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
-            engine.load_model_state(torch.load(resume_dir / "model.pt", map_location="cpu",
-                                               weights_only=True))
+            engine.load_model_state(load_weights(resume_dir / "model.pt"))
         else:
             engine.load(resume_dir)
-        progress = json.loads((resume_dir / "progress.json").read_text())
+        progress = io.read_json(resume_dir / "progress.json")
         print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
                f"{progress['global_step']})")
     history: list[dict[str, Any]] = progress["history"]
@@ -397,7 +221,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
                 f.write(json.dumps(row) + "\n")
         ckpt = None
         if t.save_checkpoints:
-            ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
+            ckpt = ckpts.save(engine, progress, best=improved or value is None)
             if improved or value is None:
                 best_ckpt = ckpt
         laps.mark("checkpoints")
@@ -458,7 +282,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     # final evaluation on the test split, with the best weights when validation chose them
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
-        state = torch.load(best_ckpt / "model.pt", map_location="cpu", weights_only=True)
+        state = load_weights(best_ckpt / "model.pt")
         engine.load_model_state(state)
     if history:
         final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
@@ -475,43 +299,11 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     laps.mark("final")
     summary["timings"] = laps.rounded()  # wall seconds per phase, up to the final report
     if rank == 0:
-        _write_json(run_dir / "result.json", summary)
+        io.write_json(run_dir / "result.json", summary)
     if hooks.on_finish is not None:
         hooks.on_finish(final, final_dir)
     return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
                      best_ckpt, stopped_early, laps.rounded())
 
 
-def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
-                rank: int) -> Path:
-    """checkpoints/final: the weights the test metrics came from, a plain model.pt for export."""
-    final_dir = run_dir / "checkpoints" / "final"
-    tmp = run_dir / "checkpoints" / ".tmp-final"
-    state = engine.model_state()  # collective under ZeRO-3: every rank takes part
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "model.pt")
-        _write_json(tmp / "progress.json", progress)
-        _write_json(tmp / "result.json", summary)
-        shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
-    _barrier()
-    return final_dir
 
-
-def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:
-    """A plain model with a checkpoint's weights (for evaluation or export)."""
-    built = create_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}),
-                         num_classes)
-    path = Path(ckpt) / "model.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        built.module.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit model.name={cfg.model.name!r} "
-                              f"({str(e).splitlines()[0][:160]})") from None
-    return built

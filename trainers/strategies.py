@@ -25,27 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.batches import Batcher, epoch_order, step_seed
 from trainers.config import RunConfig
 from trainers.data import Split
+from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
+from trainers.registry import Registry
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
-STRATEGIES: dict[str, Prepare] = {}
+STRATEGIES: Registry[Prepare] = Registry("strategy", "model.strategy")
 PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
 
 
 def register_strategy(name: str) -> Callable[[Prepare], Prepare]:
-    def deco(fn: Prepare) -> Prepare:
-        STRATEGIES[name] = fn
-        return fn
-    return deco
+    return STRATEGIES.register(name)
 
 
 def create_strategy(name: str) -> Prepare:
-    if name not in STRATEGIES:
-        raise ConfigError(f"model.strategy={name!r}: unknown (allowed: {', '.join(STRATEGIES)})")
-    return STRATEGIES[name]
+    return STRATEGIES.get(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +135,6 @@ def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
 def probe_head(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                feats: torch.Tensor | None = None) -> None:
     """Fit the probe on the head's inputs and copy it into the head."""
-    from trainers.loop import Batcher  # the loop imports this module; import back lazily
-
     if feats is None:
         built.module.to(device)
         feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)
@@ -204,9 +200,6 @@ class PairModel(nn.Module):
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
                       device: torch.device) -> tuple[list[float], torch.Tensor]:
     """Train the body on pairs; the per-step pair losses and the new train embeddings."""
-    from trainers.engines import create_engine, world
-    from trainers.loop import Batcher, epoch_order, step_seed
-
     m = cfg.model
     rank, world_size = world()
     pairs = make_pairs(train.labels.tolist(), m.contrastive_iterations, cfg.data.seed)
@@ -248,8 +241,6 @@ def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.d
 def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
               iterations: int = 1) -> float:
     """Mean pair loss of the current body on freshly drawn pairs (to check the stage helps)."""
-    from trainers.loop import Batcher
-
     batcher = Batcher(cfg, built, device)
     pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed + 1)
     built.module.to(device).eval()
