@@ -102,7 +102,9 @@ def trial_phases(sweep: Path, completed: dict[str, float]) -> list[dict[str, flo
                "imports": record.get("imports_s", 0.0)}
         row.update({f"fit: {k}": v for k, v in timings.items()})
         row["trial set-up, records"] = inside - row["imports"] - sum(timings.values())
-        row["results to driver"] = completed[record["trial_id"]] - record["ended"]
+        row["memory release (gc)"] = record.get("release_s", 0.0)
+        row["results to driver"] = (completed[record["trial_id"]] - record["ended"]
+                                    - row["memory release (gc)"])
         out.append(row)
     return out
 

@@ -551,8 +551,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
         info["ended"] = time.time()
-        io.write_json(record, info)
         _release_memory()
+        info["release_s"] = round(time.time() - info["ended"], 4)
+        io.write_json(record, info)
 
 
 # Tune reuses a runner only once the previous trial's thread has unwound (stopped trials unwind
@@ -655,6 +656,7 @@ def _node_id() -> str:
 def _release_memory() -> None:
     """Free what a finished or stopped trial held before the next one lands here."""
     gc.collect()
+    gc.freeze()  # what outlives a trial (the runner's caches) is not scanned again next time
     try:
         import torch
 
