@@ -50,7 +50,8 @@ def sleep_trial(config: dict[str, Any]) -> None:
 def sleep_sweep(n: int, out: Path, reuse: bool) -> float:
     from ray import tune
 
-    from cluster.tune import trial_dirname, trial_log
+    from cluster.trial import trial_dirname
+    from cluster.tune import trial_log
 
     trainable = tune.with_resources(sleep_trial, {"CPU": 1})
     t0 = time.perf_counter()

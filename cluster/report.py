@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.tune import SWEEP_RECORD
 from trainers import io
 from trainers.config import RunConfig, from_dict
 from trainers.errors import ConfigError
 from trainers.metrics import STD_KIND
 
-SWEEP_RECORD = "sweep.yaml"  # written by cluster.tune
 LOG_KINDS = ("loguniform", "qloguniform", "lograndint")
 
 
@@ -386,7 +386,7 @@ def write_report(sweep_dir: str | Path, *, final: bool = True) -> Report:
     import matplotlib
 
     matplotlib.use("Agg")
-    from cluster.tune import expected_iterations
+    from cluster.trial import expected_iterations
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg = load_sweep_config(sweep_dir)

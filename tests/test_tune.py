@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tune import (Conditional, Dist, parse_space, prepare_sweep_dir, run_sweep,
-                          sweep_dir_of)
+from cluster.space import Conditional, Dist, parse_space
+from cluster.tune import prepare_sweep_dir, run_sweep, sweep_dir_of
 from conftest import CONFIGS, ROOT
 from trainers.recipe import load_config
 from trainers.errors import ConfigError

@@ -1,6 +1,8 @@
 """Engines: how one optimizer step happens (single process, DDP, DeepSpeed ZeRO 0-3).
 
-The loop talks to every engine the same way::
+One interface (``Engine``), three implementations (``PlainEngine``, ``DDPEngine``,
+``DeepSpeedEngine``), chosen by ``train.engine`` through the ``ENGINES`` registry. The loop
+talks to every engine the same way::
 
     logits = engine.forward(**inputs)
     engine.backward(loss)          # once per micro batch
@@ -14,6 +16,7 @@ Train) creates the process group; engines only read it.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import hashlib
 import json
 import os
@@ -57,7 +60,51 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-class Engine:
+class Engine(ABC):
+    """The interface: how fit and the strategies' stages run a model and step its optimizer.
+
+    ``module`` is the bare model (for weights and freezing), ``device`` where batches go.
+    """
+
+    name: str
+    module: nn.Module
+    device: torch.device
+
+    @abstractmethod
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The (wrapped) model's output for one batch."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro batch's loss."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """End a micro batch; True when it completed an optimizer step."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def train(self, mode: bool = True) -> None: ...
+
+    @abstractmethod
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full model weights (on rank 0 at least), for export and evaluation."""
+
+    @abstractmethod
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def save(self, folder: Path, rank: int) -> None:
+        """Write this rank's part of a checkpoint into ``folder`` (model.pt from rank 0)."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None:
+        """Restore weights and optimizer state from a checkpoint folder."""
+
+
+class PlainEngine(Engine):
     """Single process: plain PyTorch with gradient accumulation and optional autocast."""
 
     name = "plain"
@@ -117,7 +164,6 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The full model weights (on rank 0 at least), for export and evaluation."""
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -166,7 +212,7 @@ def _load(path: Path) -> Any:
                               ) from None
 
 
-class DDPEngine(Engine):
+class DDPEngine(PlainEngine):
     """torch DistributedDataParallel over the existing process group."""
 
     name = "ddp"
@@ -221,6 +267,9 @@ class DeepSpeedEngine(Engine):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.model(**inputs)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
@@ -306,12 +355,12 @@ def check_batch_sizes(ds: dict[str, Any], world_size: int) -> None:
 
 def _auto(cfg: RunConfig, module: nn.Module, device: torch.device, total_steps: int) -> Engine:
     """DDP when a process group of more than one rank exists, else plain."""
-    return (DDPEngine if world()[1] > 1 else Engine)(cfg, module, device, total_steps)
+    return (DDPEngine if world()[1] > 1 else PlainEngine)(cfg, module, device, total_steps)
 
 
 ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "train.engine")
 ENGINES.register("auto", _auto)
-ENGINES.register("plain", Engine)
+ENGINES.register("plain", PlainEngine)
 ENGINES.register("ddp", DDPEngine)
 ENGINES.register("deepspeed", DeepSpeedEngine)
 

@@ -1,9 +1,13 @@
 """``fit(cfg)``: the one training loop, used as is by local runs, Ray Train workers and Tune.
 
+Read top to bottom, ``fit`` is four steps: ``prepare`` (data, model, strategy, engine),
+``restore`` (the ``Progress`` of a checkpoint, if resuming), ``train`` (epochs of
+``train_step`` with evaluations and checkpoints in between) and ``finish`` (test metrics with
+the best weights, the final checkpoint, the hooks).
+
 Reproducibility by construction: the shuffle of epoch e comes from (seed, e) and the RNG of
 step s is reseeded from (seed, s, rank), so a run resumed from any checkpoint takes exactly the
-steps an uninterrupted run would have taken. Checkpoints are folders written under a temporary
-name and renamed into place, so a crash never leaves a half-written checkpoint behind.
+steps an uninterrupted run would have taken (trainers/batches.py, trainers/steps.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import time
+import dataclasses
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,22 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from trainers import augmenting, io
-from trainers.batches import Batcher, epoch_order, make_train_batch, seed_step, step_seed
+from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
 from trainers.checkpoints import (Checkpoints, barrier, ensure_space, load_weights,
                                   prepare_run_dir, write_final)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
-from trainers.engines import create_engine, pick_device, world
-from trainers.errors import SmallshotError
+from trainers.engines import Engine, create_engine, pick_device, world
+from trainers.errors import SmallshotError, TrainingError  # noqa: F401  (fit raises it)
 from trainers.metrics import classification_metrics
-from trainers.models import create_model
+from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
+from trainers.steps import train_step
 from trainers.strategies import create_strategy
 from trainers.timing import Laps
-
-
-class TrainingError(SmallshotError):
-    """Training cannot go on (e.g. the loss became NaN or infinite)."""
 
 
 @dataclass
@@ -111,9 +114,96 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: saved as progress.json in every checkpoint, read back on resume."""
+
+    epoch: int = 0  # epochs completed
+    micro_in_epoch: int = 0  # micro batches done in the current epoch
+    global_step: int = 0  # optimizer steps
+    best: float | None = None  # best value of train.monitor so far
+    bad_evals: int = 0  # evaluations since it last improved (early stopping)
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation row
+
+    @classmethod
+    def load(cls, folder: Path) -> Progress:
+        raw = io.read_json(folder / "progress.json")
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def observe(self, value: float | None, cfg: RunConfig) -> bool:
+        """Record the monitored value of an evaluation; True when it improved on the best."""
+        t = cfg.train
+        improved = False
+        if value is not None:
+            sign = 1.0 if t.mode == "max" else -1.0
+            improved = self.best is None or sign * (value - self.best) > t.min_delta
+            if improved:
+                self.best, self.bad_evals = value, 0
+            else:
+                self.bad_evals += 1
+        self.stopped_early = bool(t.patience and self.bad_evals >= t.patience)
+        return improved
+
+
+@dataclass
+class StepPlan:
+    """How the training set is cut into micro batches and optimizer steps."""
+
+    micro_batch: int
+    grad_accum: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig, examples: int, world_size: int) -> StepPlan:
+        t = cfg.train
+        full_batch = optimizer_spec(cfg.optim.name).full_batch  # gd: the whole set per step
+        per_rank = math.ceil(examples / world_size)
+        micro = per_rank if full_batch else min(t.batch_size, per_rank)
+        accum = 1 if full_batch else t.grad_accum
+        steps_per_epoch = math.ceil(math.ceil(per_rank / micro) / accum)
+        return cls(micro, accum, t.max_steps or steps_per_epoch * t.epochs)
+
+
+@dataclass
+class Run:
+    """Everything ``prepare`` builds for the steps after it."""
+
+    cfg: RunConfig
+    hooks: Hooks
+    rank: int
+    world_size: int
+    run_dir: Path
+    data: FewShotData
+    train_split: Split
+    augment: Any  # augmenting.BatchAugment | None
+    built: BuiltModel
+    device: torch.device
+    plan: StepPlan
+    engine: Engine
+    batcher: Batcher
+    ckpts: Checkpoints
+    best_ckpt: Path | None = None
+    bar: Any = None  # tqdm
+    started: float = field(default_factory=time.perf_counter)
+    window_loss: float = 0.0  # train loss summed since the last evaluation
+    window_n: int = 0
+    laps: Laps = field(default_factory=Laps)  # where the run's time goes, phase by phase
+
+
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
     """Train ``cfg`` and return the final metrics; the only training loop in smallshot."""
-    hooks = hooks or Hooks()
+    run = prepare(cfg, hooks or Hooks(), data)
+    progress = restore(run)
+    train(run, progress)
+    return finish(run, progress)
+
+
+def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
+    """Run folder, data, model, augmentation, the strategy's preparation, the engine."""
     laps = Laps()
     rank, world_size = world()
     t = cfg.train
@@ -135,175 +225,168 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
                              f"data.format={cfg.data.format!r} gives {data.modality}")
     if t.save_checkpoints and rank == 0:
         ensure_space(run_dir, built.module, cfg)
-    train_split = data.train
-    augment = augmenting.build_batch_augment(cfg.augment, data.modality)
-    if cfg.augment.policy != "none" and cfg.augment.mode == "materialised":
-        inputs, labels, _ = augmenting.materialise(train_split.inputs, train_split.labels,
-                                                   cfg.augment, data.modality, seed=cfg.data.seed)
-        train_split = Split(inputs, labels)
-        augment = augmenting.build_batch_augment(cfg.augment.__class__(
-            policy="none", mixup_alpha=cfg.augment.mixup_alpha,
-            cutmix_alpha=cfg.augment.cutmix_alpha), data.modality)
+    train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
         create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
     laps.mark("strategy")
-
-    full_batch = optimizer_spec(cfg.optim.name).full_batch
-    per_rank = math.ceil(len(train_split) / world_size)
-    micro_bs = per_rank if full_batch else min(t.batch_size, per_rank)
-    micro_per_epoch = math.ceil(per_rank / micro_bs)
-    accum = 1 if full_batch else t.grad_accum
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = t.max_steps or steps_per_epoch * t.epochs
-    if full_batch and t.grad_accum != 1:
-        cfg = cfg.replace({"train.grad_accum": 1})
-    engine = create_engine(cfg, built.module, device, total_steps)
-    batcher = Batcher(cfg, built, device)
-    ckpts = Checkpoints(run_dir, rank)
+    plan = StepPlan.of(cfg, len(train_split), world_size)
+    if plan.grad_accum != t.grad_accum:
+        cfg = cfg.replace({"train.grad_accum": plan.grad_accum})
+    engine = create_engine(cfg, built.module, device, plan.total_steps)
     laps.mark("engine")
+    return Run(cfg, hooks, rank, world_size, run_dir, data, train_split, augment, built, device,
+               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), laps=laps)
 
-    progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
-                "history": []}
-    resume_dir = resume_source(cfg, hooks)
-    if resume_dir is not None:
-        if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
-            engine.load_model_state(load_weights(resume_dir / "model.pt"))
-        else:
-            engine.load(resume_dir)
-        progress = io.read_json(resume_dir / "progress.json")
-        print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
-               f"{progress['global_step']})")
-    history: list[dict[str, Any]] = progress["history"]
-    mode_sign = 1.0 if t.mode == "max" else -1.0
-    metrics_file = run_dir / "metrics.jsonl"
-    stopped_early = progress.get("stopped_early", False)
-    best_ckpt: Path | None = ckpts.pointer("best")
 
+def augmented_train_split(cfg: RunConfig, data: FewShotData) -> tuple[Split, Any]:
+    """The split fit trains on (D, or D ∪ T(D) when materialised) and the per-batch augment."""
+    a = cfg.augment
+    augment = augmenting.build_batch_augment(a, data.modality)
+    if a.policy == "none" or a.mode != "materialised":
+        return data.train, augment
+    inputs, labels, _ = augmenting.materialise(data.train.inputs, data.train.labels, a,
+                                               data.modality, seed=cfg.data.seed)
+    mixing_only = dataclasses.replace(a, policy="none", params={}, mode="online")
+    return Split(inputs, labels), augmenting.build_batch_augment(mixing_only, data.modality)
+
+
+def restore(run: Run) -> Progress:
+    """The progress of the checkpoint this run continues from (weights loaded), or a fresh one."""
+    run.best_ckpt = run.ckpts.pointer("best")
+    resume_dir = resume_source(run.cfg, run.hooks)
+    if resume_dir is None:
+        return Progress()
+    if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
+        run.engine.load_model_state(load_weights(resume_dir / "model.pt"))
+    else:
+        run.engine.load(resume_dir)
+    progress = Progress.load(resume_dir)
+    print0(f"resumed from {resume_dir} (epoch {progress.epoch}, step {progress.global_step})")
+    return progress
+
+
+def train(run: Run, progress: Progress) -> None:
+    """Epochs of micro steps until the planned steps are done or early stopping says stop."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=progress["global_step"], desc=cfg.name,
-               disable=not t.progress or rank != 0, dynamic_ncols=True, leave=False)
-    t0 = time.perf_counter()
-    window_loss, window_n = 0.0, 0
+    cfg, t, total = run.cfg, run.cfg.train, run.plan.total_steps
+    run.bar = tqdm(total=total, initial=progress.global_step, desc=cfg.name,
+                   disable=not t.progress or run.rank != 0, dynamic_ncols=True, leave=False)
+    if (t.eval_at_start or total == 0) and progress.global_step == 0 and not progress.history:
+        evaluate_and_checkpoint(run, progress, 0.0)  # epochs=0 scores what the strategy prepared
+    run.engine.train(True)
+    while not progress.stopped_early and progress.global_step < total:
+        if train_epoch(run, progress):
+            break
+    run.bar.close()
+    run.laps.mark("train")
 
-    def run_evaluation(epoch_float: float) -> bool:
-        """Evaluate, log, checkpoint, report; True when early stopping says stop."""
-        nonlocal best_ckpt, window_loss, window_n
-        laps.mark("train")
-        if world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
-            sums = torch.tensor([window_loss, float(window_n)], dtype=torch.float64)
-            torch.distributed.all_reduce(sums)
-            window_loss, window_n = float(sums[0]), int(sums[1])
-        row: dict[str, Any] = {"epoch": round(epoch_float, 4), "step": progress["global_step"],
-                               "lr": engine.lr(), "train/loss": window_loss / max(window_n, 1),
-                               "time_s": round(time.perf_counter() - t0, 3)}
-        window_loss, window_n = 0.0, 0
-        if data.val is not None:
-            row.update(evaluate(engine, batcher, data.val, data.num_classes, t.eval_batch_size,
-                                "val"))
-        laps.mark("evaluate")
-        value = row.get(t.monitor)
-        improved = False
-        if value is not None:
-            best = progress["best"]
-            improved = best is None or mode_sign * (value - best) > t.min_delta
-            if improved:
-                progress["best"] = value
-                progress["bad_evals"] = 0
-            else:
-                progress["bad_evals"] += 1
-        stop = bool(t.patience and progress["bad_evals"] >= t.patience)
-        progress["stopped_early"] = stop
-        history.append(row)
-        if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        ckpt = None
-        if t.save_checkpoints:
-            ckpt = ckpts.save(engine, progress, best=improved or value is None)
-            if improved or value is None:
-                best_ckpt = ckpt
-        laps.mark("checkpoints")
-        if hooks.on_evaluation is not None:
-            hooks.on_evaluation(row, ckpt)
-        laps.mark("report")
-        bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
+
+def train_epoch(run: Run, progress: Progress) -> bool:
+    """The rest of the current epoch; True when the run is over (steps done or stopped)."""
+    cfg, t, plan = run.cfg, run.cfg.train, run.plan
+    epoch = progress.epoch
+    if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
+        run.built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
+    order = epoch_order(len(run.train_split), t.seed + cfg.data.seed, epoch, run.rank,
+                        run.world_size)
+    micro_batches = [order[i:i + plan.micro_batch] for i in range(0, len(order), plan.micro_batch)]
+    n_micro = len(micro_batches)
+    for m in range(progress.micro_in_epoch, n_micro):
+        seed = step_seed(t.seed, epoch * n_micro + m, run.rank)
+        loss, stepped = train_step(
+            run.engine, partial(classification_loss, run, micro_batches[m], seed), seed=seed,
+            where=f"at epoch {epoch + 1}, step {progress.global_step}", lr=cfg.optim.lr)
+        run.window_loss += loss
+        run.window_n += 1
+        progress.micro_in_epoch = m + 1
+        if stepped:
+            progress.global_step += 1
+            run.bar.update(1)
+        last = m == n_micro - 1
+        if last:
+            progress.epoch, progress.micro_in_epoch = epoch + 1, 0
+        at_end = progress.global_step >= plan.total_steps
+        if ((stepped and t.eval_every and progress.global_step % t.eval_every == 0)
+                or (last and not t.eval_every) or (stepped and at_end)):
+            evaluate_and_checkpoint(run, progress, epoch + (m + 1) / n_micro)
+        if progress.stopped_early or at_end:
+            return True
+    return False
+
+
+def classification_loss(run: Run, idx: list[int], seed: int) -> torch.Tensor:
+    """Cross entropy (soft targets under mixup/cutmix) plus the L1/L2 penalty, one micro batch."""
+    cfg = run.cfg
+    inputs, targets = make_train_batch(run.train_split, idx, run.batcher, run.augment,
+                                       run.data.num_classes, seed, run.device)
+    loss = soft_cross_entropy(run.engine.forward(**inputs), targets, cfg.train.label_smoothing)
+    extra = penalty(run.built.module, cfg.optim.l1, cfg.optim.l2)
+    return loss if extra is None else loss + extra
+
+
+def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float) -> None:
+    """Evaluate, log, checkpoint, report; sets ``progress.stopped_early`` when patience ran out."""
+    t = run.cfg.train
+    run.laps.mark("train")
+    loss, n = run.window_loss, run.window_n
+    if run.world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
+        sums = torch.tensor([loss, float(n)], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        loss, n = float(sums[0]), int(sums[1])
+    run.window_loss, run.window_n = 0.0, 0
+    row: dict[str, Any] = {"epoch": round(epoch, 4), "step": progress.global_step,
+                           "lr": run.engine.lr(), "train/loss": loss / max(n, 1),
+                           "time_s": round(time.perf_counter() - run.started, 3)}
+    if run.data.val is not None:
+        row.update(evaluate(run.engine, run.batcher, run.data.val, run.data.num_classes,
+                            t.eval_batch_size, "val"))
+    run.laps.mark("evaluate")
+    value = row.get(t.monitor)
+    improved = progress.observe(value, run.cfg)
+    progress.history.append(row)
+    if run.rank == 0:
+        with (run.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    ckpt = None
+    if t.save_checkpoints:
+        ckpt = run.ckpts.save(run.engine, progress.to_dict(), best=improved or value is None)
+        if improved or value is None:
+            run.best_ckpt = ckpt
+    run.laps.mark("checkpoints")
+    if run.hooks.on_evaluation is not None:
+        run.hooks.on_evaluation(row, ckpt)
+    run.laps.mark("report")
+    run.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
                          if k in ("train/loss", t.monitor)})
-        return stop
 
-    if (t.eval_at_start or total_steps == 0) and progress["global_step"] == 0 and not history:
-        stopped_early = run_evaluation(0.0)  # epochs=0 scores what the strategy prepared
-    engine.train(True)
-    while not stopped_early and progress["global_step"] < total_steps:
-        epoch = progress["epoch"]
-        if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
-            built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
-        order = epoch_order(len(train_split), t.seed + cfg.data.seed, epoch, rank, world_size)
-        micro_batches = [order[i:i + micro_bs] for i in range(0, len(order), micro_bs)]
-        n_micro = len(micro_batches)
-        for m in range(progress["micro_in_epoch"], n_micro):
-            step = progress["global_step"]
-            seed = step_seed(t.seed, epoch * n_micro + m, rank)
-            seed_step(seed, device)  # dropout & co. depend on the position only: exact resume
-            idx = micro_batches[m]
-            inputs, targets = make_train_batch(train_split, idx, batcher, augment,
-                                               data.num_classes, seed, device)
-            loss = soft_cross_entropy(engine.forward(**inputs), targets, t.label_smoothing)
-            extra = penalty(built.module, cfg.optim.l1, cfg.optim.l2)
-            if extra is not None:
-                loss = loss + extra
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
-                                    f"{step}: lower optim.lr (now {cfg.optim.lr:g}) or check the "
-                                    f"data; the run stopped before training on it")
-            engine.backward(loss)
-            window_loss += float(loss.detach())
-            window_n += 1
-            stepped = engine.step()
-            progress["micro_in_epoch"] = m + 1
-            if stepped:
-                progress["global_step"] += 1
-                bar.update(1)
-            last = m == n_micro - 1
-            if last:
-                progress["epoch"] = epoch + 1
-                progress["micro_in_epoch"] = 0
-            at_end = progress["global_step"] >= total_steps
-            due = ((stepped and t.eval_every and progress["global_step"] % t.eval_every == 0)
-                   or (last and not t.eval_every) or (stepped and at_end))
-            if due:
-                stopped_early = run_evaluation(epoch + (m + 1) / n_micro)
-            if stopped_early or at_end:
-                break
-    bar.close()
-    laps.mark("train")
 
-    # final evaluation on the test split, with the best weights when validation chose them
+def finish(run: Run, progress: Progress) -> RunResult:
+    """Test metrics with the best weights (when validation chose them), the final checkpoint,
+    result.json and the on_finish hook."""
+    t, data, best_ckpt = run.cfg.train, run.data, run.best_ckpt
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
-        state = load_weights(best_ckpt / "model.pt")
-        engine.load_model_state(state)
-    if history:
-        final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
-        if progress["best"] is not None:
-            final[f"best_{t.monitor}"] = progress["best"]
+        run.engine.load_model_state(load_weights(best_ckpt / "model.pt"))
+    if progress.history:
+        final.update({k: v for k, v in progress.history[-1].items() if k.startswith("train/")})
+        if progress.best is not None:
+            final[f"best_{t.monitor}"] = progress.best
     if data.test is not None and t.test:
-        final.update(evaluate(engine, batcher, data.test, data.num_classes, t.eval_batch_size,
-                              "test"))
-    final["epochs"] = progress["epoch"]
-    final["steps"] = progress["global_step"]
-    summary = {"metrics": final, "stopped_early": stopped_early,
+        final.update(evaluate(run.engine, run.batcher, data.test, data.num_classes,
+                              t.eval_batch_size, "test"))
+    final["epochs"] = progress.epoch
+    final["steps"] = progress.global_step
+    summary = {"metrics": final, "stopped_early": progress.stopped_early,
                "best_checkpoint": str(best_ckpt) if best_ckpt else None}
-    final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
-    laps.mark("final")
-    summary["timings"] = laps.rounded()  # wall seconds per phase, up to the final report
-    if rank == 0:
-        io.write_json(run_dir / "result.json", summary)
-    if hooks.on_finish is not None:
-        hooks.on_finish(final, final_dir)
-    return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
-                     best_ckpt, stopped_early, laps.rounded())
-
-
-
+    final_dir = (write_final(run.run_dir, run.engine, progress.to_dict(), summary, run.rank)
+                 if t.save_checkpoints else None)
+    run.laps.mark("final")
+    summary["timings"] = run.laps.rounded()  # wall seconds per phase, up to the final report
+    if run.rank == 0:
+        io.write_json(run.run_dir / "result.json", summary)
+    if run.hooks.on_finish is not None:
+        run.hooks.on_finish(final, final_dir)
+    return RunResult(run.run_dir, final, progress.history, progress.epoch, progress.global_step,
+                     best_ckpt, progress.stopped_early, run.laps.rounded())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -32,6 +33,7 @@ from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
 from trainers.registry import Registry
+from trainers.steps import train_step
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
 STRATEGIES: Registry[Prepare] = Registry("strategy", "model.strategy")
@@ -215,20 +217,26 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
         for step, batch in enumerate(batches):
-            torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-            a = [pairs[k][0] for k in batch]
-            b = [pairs[k][1] for k in batch]
-            target = torch.tensor([pairs[k][2] for k in batch], device=device)
-            loss = engine.forward(target=target, **batch_inputs(batcher, train, a, "a_"),
-                                  **batch_inputs(batcher, train, b, "b_"))
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
+            loss, _ = train_step(engine, partial(pair_batch_loss, engine.forward, batcher, train, pairs,
+                                                 batch, device),
+                                 seed=step_seed(cfg.train.seed, step, rank),
+                                 where=f"in the contrastive stage, step {step}",
+                                 lr=m.contrastive_lr, lr_field="model.contrastive_lr")
+            losses.append(loss)
         engine.train(False)
         feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
                             batcher, train, cfg.train.eval_batch_size)
     built.module.train(True)
     return losses, feats
+
+
+def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
+                    pairs: list[tuple[int, int, float]], batch: list[int],
+                    device: torch.device) -> torch.Tensor:
+    """The pair loss (a PairModel's forward, or an engine's around it) on pairs ``batch``."""
+    target = torch.tensor([pairs[k][2] for k in batch], device=device)
+    return forward(target=target, **batch_inputs(batcher, split, [pairs[k][0] for k in batch], "a_"),
+                **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
 
 
 @register_strategy("contrastive")
@@ -247,13 +255,9 @@ def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.dev
     total = 0.0
     with torch.no_grad(), swapped_head(built, nn.Identity()):
         model = PairModel(built.module)
-        for s in range(0, len(pairs), 64):
-            chunk = pairs[s:s + 64]
-            target = torch.tensor([p[2] for p in chunk], device=device)
-            total += float(model(target=target,
-                                 **batch_inputs(batcher, train, [p[0] for p in chunk], "a_"),
-                                 **batch_inputs(batcher, train, [p[1] for p in chunk], "b_"))
-                           ) * len(chunk)
+        for start in range(0, len(pairs), 64):
+            chunk = list(range(start, min(start + 64, len(pairs))))
+            total += float(pair_batch_loss(model, batcher, train, pairs, chunk, device)) * len(chunk)
     built.module.train(True)
     return total / max(1, len(pairs))
 
