@@ -22,6 +22,7 @@ callback (trial complete), ``trial.json`` (function entered / left, imports) and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -97,7 +98,7 @@ def trial_phases(sweep: Path, completed: dict[str, float]) -> list[dict[str, flo
         trials.append((record, timings))
     trials.sort(key=lambda t: t[0]["started"])
     out = []
-    for (prev, _), (record, timings) in zip(trials, trials[1:]):
+    for (prev, _), (record, timings) in itertools.pairwise(trials):
         inside = record["ended"] - record["started"]
         row = {"runner start / reset": record["started"] - completed[prev["trial_id"]],
                "imports": record.get("imports_s", 0.0)}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, ROOT
 
 from cluster.tune import run_sweep, sweep_dir_of
-from conftest import CONFIGS, ROOT
 from trainers import warm
 from trainers.recipe import load_config
 

@@ -10,7 +10,8 @@ place). One entry per kind, so a process holds at most one dataset and one pretr
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
