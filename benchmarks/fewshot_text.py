@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from trainers import io
 from benchmarks.common import RESULTS, fmt, markdown_table, mean_std, write_results
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -198,17 +199,14 @@ def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> di
 def run_cell(cell: Cell, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     path = cache / f"{cell.key}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return io.read_json(path)
     root = Path(args.data_root) / cell.dataset
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         result = METHODS[cell.method](cell, root, out, args)
     row = {**asdict(cell), **result, "seconds": round(time.perf_counter() - t0, 1),
            "value": result["test"][cell.metric]}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(path)
+    io.write_json(path, row)
     return row
 
 

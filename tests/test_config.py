@@ -51,6 +51,13 @@ def test_replace_revalidates():
 
 
 BAD_RECIPES = [
+    ("model:\n  hidden: 16\n", ["line 2", "model.hidden: moved to model.params.hidden"]),
+    ("model:\n  contrastive_lr: 1.0e-3\n",
+     ["model.contrastive_lr: moved to model.strategy_params.contrastive.lr"]),
+    ("data: {format: digits}\nmodel:\n  name: mlp\n  params: {hiden: 8}\n",
+     ["model.params.hiden: unknown parameter of model 'mlp'", "did you mean 'hidden'"]),
+    ("data: {format: digits}\nmodel:\n  name: mlp\n  params: {hidden: 2.5}\n",
+     ["model.params.hidden", "expected int", "line 4"]),
     ("optim:\n  nme: adam\n", ["optim.nme", "did you mean 'name'", "line 2"]),
     ("optim:\n  lr: fast\n", ["optim.lr", "expected a number", "line 2"]),
     ("train:\n  epochs: -3\n", ["train.epochs", "out of range"]),
@@ -85,6 +92,9 @@ def test_bad_recipe_is_named(tmp_path, text, needles):
 
 
 @pytest.mark.parametrize("override,needle", [
+    ("model.contrastive_iterations=3",
+     "override .model.contrastive_iterations=3.: model.contrastive_iterations: moved to "
+     "model.strategy_params.contrastive.iterations"),
     ("optim.lr", "expected key=value"),
     ("optim.lr=-1", "override .optim.lr=-1.: optim.lr: -1.0 is out of range"),
     ("optim.lrr=0.1", "did you mean 'lr'"),

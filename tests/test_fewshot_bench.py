@@ -24,7 +24,7 @@ def test_selection_never_reads_the_test_split(tmp_path, local_ray):
     # a test split that cannot be parsed: anything that reads it fails loudly
     (ds / "test.tsv").write_text("label\tlabel_text\ttext\nnot-a-label\tx\tbroken row\n")
     cfg = load_config(bench.RECIPE, [f"data.root={ds}", "data.shots=4", "data.max_length=16",
-                                     "model.contrastive_iterations=1",
+                                     "model.strategy_params.contrastive.iterations=1",
                                      "tune.space={model.strategy: 'grid[lp-ft, contrastive]', "
                                      "train.epochs: 'grid[0, 1]'}",
                                      f"train.output_dir={tmp_path / 'runs'}"])
@@ -43,7 +43,7 @@ def test_selection_never_reads_the_test_split(tmp_path, local_ray):
 def test_quick_run_of_our_methods_caches_cells(tmp_path, local_ray):
     need_shared("data", "text", "sst2")
     args = ["--quick", *TINY, "--results-dir", str(tmp_path), "--methods", "smallshot", "full-ft",
-            "--smallshot-overrides", "model.contrastive_iterations=1",
+            "--smallshot-overrides", "model.strategy_params.contrastive.iterations=1",
             "tune.space={model.strategy: 'grid[lp-ft]', train.epochs: 'grid[0, 2]'}",
             "--baseline-overrides", "train.epochs=1"]
     payload = bench.main(args)

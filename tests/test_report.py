@@ -41,7 +41,7 @@ def make_images(root: Path) -> Path:
 def recipe(tmp_path: Path, data_root: Path, *overrides: str):
     return load_config(None, [
         "name=shapes", "data.format=image_folder", f"data.root={data_root}", "data.channels=1",
-        "data.mean=[0.5]", "data.std=[0.25]", "model.name=mlp:64", "model.hidden=16",
+        "data.mean=[0.5]", "data.std=[0.25]", "model.name=mlp:64", "model.params.hidden=16",
         "optim.name=adam", "optim.warmup=0.0", "optim.schedule=constant", "train.epochs=3",
         "train.batch_size=8", "train.progress=false", f"train.output_dir={tmp_path / 'out'}",
         "tune.scheduler=none", "tune.max_failures=0", *overrides])

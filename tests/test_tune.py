@@ -39,14 +39,14 @@ def space_of(tmp_path: Path, space: str, *extra: str):
 def test_space_parses_every_distribution_kind(tmp_path: Path) -> None:
     cfg = space_of(tmp_path, "{optim.name: 'choice[sgd, momentum, adam, adamw]', "
                    "optim.lr: 'loguniform[1e-5, 1e-1]', optim.weight_decay: 'uniform[0, 0.1]', "
-                   "model.hidden: 'randint[8, 64]', data.shots: 'grid[8, 16]', "
+                   "model.params.hidden: 'randint[8, 64]', data.shots: 'grid[8, 16]', "
                    "optim.momentum: 'quniform[0.5, 0.95, 0.05]', train.batch_size: "
                    "'lograndint[8, 64]', optim.eps: 'qloguniform[1e-9, 1e-6, 1e-9]'}")
     space = parse_space(cfg)
     assert space.dims["optim.lr"] == Dist("loguniform", (1e-5, 1e-1))  # '1e-5' read as a number
     assert space.dims["data.shots"].kind == "grid" and space.grid_size() == 2
     assert space.grid_size(grid=True) == 8  # choice enumerated too under search=grid
-    hidden = space.dims["model.hidden"].to_tune()
+    hidden = space.dims["model.params.hidden"].to_tune()
     assert {hidden.sample() for _ in range(400)} == set(range(8, 65))  # both ends included
 
 
@@ -64,8 +64,8 @@ def test_space_parses_every_distribution_kind(tmp_path: Path) -> None:
      "tune.space.optim.lr: value 20 of uniform[0, 20] is not allowed: optim.lr: 20.0 is out"),
     ("{optim.name: 'choice[sgd, adamx]'}",
      "tune.space.optim.name: value 'adamx' of choice[sgd, adamx]"),
-    ("{model.hidden: 'uniform[8, 64]'}",
-     "tune.space.model.hidden: value 28.72 of uniform[8, 64] is not allowed: model.hidden"),
+    ("{model.params.hidden: 'uniform[8, 64]'}",
+     "tune.space.model.params.hidden: value 28.72 of uniform[8, 64] is not allowed: model.hidden"),
     ("{optim.schedule: 'choice[linear, cosyne]'}", "tune.space.optim.schedule: value 'cosyne'"),
     ("{optim.lr: 0.1}", "tune.space.optim.lr: expected a distribution"),
     ("{optim.lr: 'choice[0.1, 0.1]'}", "listed twice"),

@@ -17,18 +17,19 @@ from trainers.errors import ConfigError
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Every registry name in ``cfg`` exists (and the augmentation policy takes its params)."""
+    """Every registry name in ``cfg`` exists, and the chosen model, strategy and augmentation
+    policy take the params given to them."""
     from trainers.augmenting import build_batch_augment
     from trainers.data import check_data
     from trainers.engines import ENGINES
-    from trainers.models import model_factory
+    from trainers.models import model_params
     from trainers.optim import OPTIMIZERS
-    from trainers.strategies import STRATEGIES
+    from trainers.strategies import strategy_params
 
     check_data(cfg.data)
     OPTIMIZERS.get(cfg.optim.name)
-    model_factory(cfg.model.name)
-    STRATEGIES.get(cfg.model.strategy)
+    model_params(cfg.model)
+    strategy_params(cfg)
     ENGINES.get(cfg.train.engine)
     build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")
 

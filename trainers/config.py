@@ -99,12 +99,12 @@ class ModelConfig:
     unfreeze_after: int | None = _f(None, lo=0, help="unfreeze the backbone after this many "
                                     "epochs (with freeze_backbone)")
     dropout: float | None = _f(None, lo=0.0, hi=0.99, help="override the classifier dropout")
-    hidden: int = _f(64, lo=1, help="hidden width of the 'mlp' model")
-    contrastive_iterations: int = _f(5, lo=1, hi=1000, help="strategy=contrastive: pair "
-                                     "rounds; each pairs every example with one same-class "
-                                     "and one other-class example")
-    contrastive_lr: float = _f(2e-5, lo=0.0, hi=1.0, help="strategy=contrastive: learning "
-                               "rate of the pair stage on the body")
+    params: dict[str, Any] = _f(factory=dict, help="options of the model's factory, checked "
+                                "against its signature, e.g. {hidden: 64} for mlp")
+    strategy_params: dict[str, Any] = _f(factory=dict, help="options per strategy, checked "
+                                         "against its signature, e.g. {contrastive: "
+                                         "{iterations: 10, lr: 2.0e-5}}; only model.strategy's "
+                                         "entry is used, so a sweep may switch strategies")
 
     def validate(self) -> None:
         if self.unfreeze_after is not None and not self.freeze_backbone:
@@ -369,7 +369,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
 
 
+# Keys that were fields once and now travel as the params of the one model/strategy they serve.
+MOVED = {"model.hidden": "model.params.hidden",
+         "model.contrastive_iterations": "model.strategy_params.contrastive.iterations",
+         "model.contrastive_lr": "model.strategy_params.contrastive.lr"}
+
+
 def unknown_key(where: str, key: str, names: list[str]) -> str:
+    if where in MOVED:
+        return (f"{where}: moved to {MOVED[where]} (options of one model or strategy travel in "
+                f"its params)")
     return (f"{where}: unknown key (valid: {', '.join(names)})"
             f"{did_you_mean(key, names, cutoff=0.5)}")
 

@@ -37,7 +37,7 @@ from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.steps import train_step
-from trainers.strategies import create_strategy
+from trainers.strategies import apply_strategy
 from trainers.timing import Laps
 
 
@@ -228,7 +228,7 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
-        create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
+        apply_strategy(cfg, built, train_split, device)
     laps.mark("strategy")
     plan = StepPlan.of(cfg, len(train_split), world_size)
     if plan.grad_accum != t.grad_accum:

@@ -44,8 +44,15 @@ Factory = Callable[[ModelConfig, int, str], BuiltModel]
 MODELS: Registry[Factory] = Registry("model", "model.name")
 
 
-def register_model(prefix: str, usage: str | None = None) -> Callable[[Factory], Factory]:
-    return MODELS.register(prefix, usage=usage)
+FACTORY_ARGS = ("cfg", "num_classes", "arg")  # what every factory gets; the rest is params
+
+
+def register_model(prefix: str, usage: str | None = None,
+                   ranges: dict[str, tuple[float | None, float | None]] | None = None
+                   ) -> Callable[[Factory], Factory]:
+    """``@register_model("mlp")`` on ``fn(cfg, num_classes, arg, *, <params>)``: its keyword
+    parameters are the allowed ``model.params``."""
+    return MODELS.register(prefix, usage=usage, ranges=ranges)
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -308,12 +315,13 @@ class MLP(nn.Module):
         return self.head(self.body(pixels))
 
 
-@register_model("mlp", usage="mlp[:<inputs>]")
-def _mlp(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+@register_model("mlp", usage="mlp[:<inputs>]", ranges={"hidden": (1, None)})
+def _mlp(cfg: ModelConfig, num_classes: int, arg: str, *, hidden: int = 64) -> BuiltModel:
+    """``hidden``: width of the hidden layer (model.params.hidden)."""
     if arg and not arg.isdigit():
         raise ConfigError(f"model.name=mlp:{arg}: the argument is the input size, e.g. mlp:64")
     in_features = int(arg) if arg else 64  # 8x8 digits by default
-    return BuiltModel(MLP(in_features, cfg.hidden, num_classes), ("head.",))
+    return BuiltModel(MLP(in_features, hidden, num_classes), ("head.",))
 
 
 def model_factory(name: str) -> tuple[Factory, str]:
@@ -322,10 +330,17 @@ def model_factory(name: str) -> tuple[Factory, str]:
     return MODELS.get(prefix, shown=name), arg
 
 
+def model_params(cfg: ModelConfig) -> dict[str, Any]:
+    """``model.params`` checked against the factory's keyword parameters (names, types)."""
+    model_factory(cfg.name)
+    return MODELS.check_params(cfg.name.partition(":")[0], cfg.params, field="model.params",
+                               skip=FACTORY_ARGS)
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``)."""
     factory, arg = model_factory(cfg.name)
-    built = factory(cfg, num_classes, arg)
+    built = factory(cfg, num_classes, arg, **model_params(cfg))
     if cfg.freeze_backbone:
         built.set_backbone_trainable(False)
     return built

@@ -9,6 +9,7 @@ can list ``names()`` without building anything.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -25,17 +26,21 @@ class Registry(Generic[T]):
         self.field = field  # "optim.name": the config field that names an entry
         self._entries: dict[str, T] = {}
         self._usage: dict[str, str] = {}
+        self._ranges: dict[str, dict[str, tuple[float | None, float | None]]] = {}
 
-    def register(self, name: str, entry: T | None = None, *, usage: str | None = None) -> Any:
+    def register(self, name: str, entry: T | None = None, *, usage: str | None = None,
+                 ranges: dict[str, tuple[float | None, float | None]] | None = None) -> Any:
         """``@reg.register("adam")`` on a function, or ``reg.register("plain", Engine)``.
 
-        ``usage`` is how the name is written when it takes an argument (``hf:<folder>``).
+        ``usage`` is how the name is written when it takes an argument (``hf:<folder>``);
+        ``ranges`` bounds numeric keyword parameters (inclusive, None = open).
         """
         def add(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
             self._usage[name] = usage or name
+            self._ranges[name] = dict(ranges or {})
             return obj
 
         return add if entry is None else add(entry)
@@ -61,16 +66,30 @@ class Registry(Generic[T]):
         raise ConfigError(f"{field or self.field}: unknown {self.kind} {value!r} "
                           f"(allowed: {self.allowed()}){did_you_mean(name, self.names())}")
 
-    def check_params(self, name: str, params: dict[str, Any], *, field: str,
-                     skip: tuple[str, ...] = ()) -> None:
-        """Refuse a key of ``params`` that the entry's signature does not take (``skip``:
-        the positional arguments the caller itself supplies)."""
-        accepted = params_of(self.get(name), skip)
-        for key in params:
+    def check_params(self, name: str, params: Any, *, field: str,
+                     skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``params`` checked against the entry's keyword parameters: names, annotated types
+        (int, float, bool, str) and registered ranges; returns them converted. ``skip``: the
+        arguments the caller itself supplies."""
+        if not isinstance(params, dict):
+            raise ConfigError(f"{field}: expected a mapping of parameters, got {params!r}")
+        fn = self.get(name)
+        accepted = params_of(fn, skip)
+        hints = typing.get_type_hints(fn)
+        out = {}
+        for key, value in params.items():
+            where = f"{field}.{key}"
             if key not in accepted:
-                raise ConfigError(f"{field}.{key}: unknown parameter of {self.kind} {name!r} "
+                raise ConfigError(f"{where}: unknown parameter of {self.kind} {name!r} "
                                   f"(allowed: {', '.join(accepted) or 'none'})"
                                   f"{did_you_mean(key, accepted)}")
+            out[key] = _typed(value, hints.get(key), where)
+            lo, hi = self._ranges.get(name, {}).get(key, (None, None))
+            if (lo is not None and out[key] < lo) or (hi is not None and out[key] > hi):
+                raise ConfigError(f"{where}: {out[key]} is out of range (allowed "
+                                  f"[{'-inf' if lo is None else lo}, "
+                                  f"{'inf' if hi is None else hi}])")
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -80,6 +99,30 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _typed(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as the parameter's annotated scalar type, or a ConfigError naming ``where``."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        return value  # unannotated or a richer type: the callee checks it
+    if not ok:
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
 
 
 def params_of(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> list[str]:

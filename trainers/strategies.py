@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,34 @@ STRATEGIES: Registry[Prepare] = Registry("strategy", "model.strategy")
 PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
 
 
-def register_strategy(name: str) -> Callable[[Prepare], Prepare]:
-    return STRATEGIES.register(name)
+PREPARE_ARGS = ("cfg", "built", "train", "device")  # what every strategy gets; the rest: params
+
+
+def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None
+                      ) -> Callable[[Prepare], Prepare]:
+    """``@register_strategy("x")`` on ``fn(cfg, built, train, device, *, <params>)``: its
+    keyword parameters are the allowed ``model.strategy_params.x``."""
+    return STRATEGIES.register(name, ranges=ranges)
 
 
 def create_strategy(name: str) -> Prepare:
     return STRATEGIES.get(name)
+
+
+def strategy_params(cfg: RunConfig, name: str | None = None) -> dict[str, Any]:
+    """The params of strategy ``name`` (default: model.strategy), checked against its
+    signature; entries for other strategies must name registered ones."""
+    name = name or cfg.model.strategy
+    options = cfg.model.strategy_params
+    for key in options:
+        STRATEGIES.get(key, field="model.strategy_params")
+    return STRATEGIES.check_params(name, options.get(name, {}),
+                                   field=f"model.strategy_params.{name}", skip=PREPARE_ARGS)
+
+
+def apply_strategy(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
+    """Prepare ``built`` with model.strategy and its params (before fit fine-tunes it)."""
+    create_strategy(cfg.model.strategy)(cfg, built, train, device, **strategy_params(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,16 +221,16 @@ class PairModel(nn.Module):
         return F.mse_loss(cos, target.float())
 
 
-def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
-                      device: torch.device) -> tuple[list[float], torch.Tensor]:
+def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
+                      *, iterations: int = 5, lr: float = 2e-5
+                      ) -> tuple[list[float], torch.Tensor]:
     """Train the body on pairs; the per-step pair losses and the new train embeddings."""
-    m = cfg.model
     rank, world_size = world()
-    pairs = make_pairs(train.labels.tolist(), m.contrastive_iterations, cfg.data.seed)
+    pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed)
     order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
     bs = cfg.train.batch_size
     batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-    stage_cfg = cfg.replace({"optim.lr": m.contrastive_lr, "train.grad_accum": 1,
+    stage_cfg = cfg.replace({"optim.lr": lr, "train.grad_accum": 1,
                              "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
@@ -221,7 +243,7 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
                                                  batch, device),
                                  seed=step_seed(cfg.train.seed, step, rank),
                                  where=f"in the contrastive stage, step {step}",
-                                 lr=m.contrastive_lr, lr_field="model.contrastive_lr")
+                                 lr=lr, lr_field="model.strategy_params.contrastive.lr")
             losses.append(loss)
         engine.train(False)
         feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
@@ -239,10 +261,14 @@ def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, spli
                 **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
 
 
-@register_strategy("contrastive")
-def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
-    """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings."""
-    _, feats = contrastive_stage(cfg, built, train, device)
+@register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0)})
+def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
+                iterations: int = 5, lr: float = 2e-5) -> None:
+    """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
+
+    ``iterations``: pair rounds, each pairs every example with one same-class and one
+    other-class example; ``lr``: learning rate of the pair stage on the body."""
+    _, feats = contrastive_stage(cfg, built, train, device, iterations=iterations, lr=lr)
     probe_head(cfg, built, train, device, feats=feats)
 
 
