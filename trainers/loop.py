@@ -12,14 +12,15 @@ steps an uninterrupted run would have taken (trainers/batches.py, trainers/steps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-import dataclasses
-from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,14 @@ import torch.nn.functional as F
 
 from trainers import augmenting, io
 from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
-from trainers.checkpoints import (Checkpoints, barrier, ensure_space, load_weights,
-                                  prepare_run_dir, write_final)
+from trainers.checkpoints import (
+    Checkpoints,
+    barrier,
+    ensure_space,
+    load_weights,
+    prepare_run_dir,
+    write_final,
+)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
 from trainers.engines import Engine, create_engine, pick_device, world
