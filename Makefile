@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: setup demo test bench bench-quick clean kubectl
+.PHONY: setup demo test test-fast lint bench bench-quick clean kubectl
 
 setup: $(STAMP)
 
@@ -38,8 +38,17 @@ kubectl:
 demo: setup
 	$(PY) launch.py demo
 
-test: setup $(CHECKOV) kubectl
+# lint: ruff's rules and the import-linter layer contracts (pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check .
+	PYTHONPATH=. $(VENV)/bin/lint-imports
+
+test: setup $(CHECKOV) kubectl lint
 	$(PY) -m pytest
+
+# no Ray, no DeepSpeed, nothing marked slow: the unit layer, in under two minutes
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not ray and not cluster and not deepspeed and not slow"
 
 bench: setup
 	$(PY) -m pip --disable-pip-version-check -q install -r requirements-bench.txt

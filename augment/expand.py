@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class OnlineAugment:
     cutmix_alpha: float = 0.0
 
     @classmethod
-    def from_policy(cls, policy: Any, modality: str, **mixing: float) -> "OnlineAugment":
+    def from_policy(cls, policy: Any, modality: str, **mixing: float) -> OnlineAugment:
         slot = {"image": "image_policy", "words": "word_policy", "tokens": "token_policy"}
         parts = {} if policy is None else {slot[policy_level(policy, modality)]: policy}
         return cls(**parts, **mixing)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MODALITIES = ("image", "text")
 _BUILTIN_MODULES = ("augment.image", "augment.text")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainers import io
 from trainers.metrics import mean_std  # noqa: F401  (the benchmarks' one mean ± sample std)

@@ -28,12 +28,13 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from trainers import io
 from benchmarks.common import RESULTS, fmt, markdown_table, mean_std, write_results
+from trainers import io
 
 PROJECT = Path(__file__).resolve().parent.parent
 TEXT_ROOT = PROJECT.parent / "shared" / "data" / "text"
@@ -134,8 +135,8 @@ def _test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 @register_method("smallshot")
 def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
-    from trainers.recipe import load_config
     from trainers.loop import fit
+    from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides))
     selection = select_by_sweep(cfg, args.folds, cell.metric, Path(out) / "select")
@@ -147,8 +148,8 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) ->
 
 @register_method("full-ft")
 def run_full(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
-    from trainers.recipe import load_config
     from trainers.loop import fit
+    from trainers.recipe import load_config
 
     cfg = load_config(BASELINE_RECIPE, cell_overrides(cell, root, out)
                       + list(args.baseline_overrides))
@@ -170,10 +171,10 @@ def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> di
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
-    from trainers.recipe import load_config
     from trainers.data import load_dataset
     from trainers.metrics import classification_metrics
     from trainers.models import minilm_path
+    from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out))
     data = load_dataset(cfg.data, with_test=True)

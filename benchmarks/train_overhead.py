@@ -24,8 +24,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,8 @@ Clock = tuple[list[float], list[float] | None]  # wall and process-CPU seconds a
 
 def plain_loop(cfg: RunConfig) -> Clock:
     """What one would write by hand: AdamW, linear warmup/decay, clipping; clock every window."""
-    from trainers.data import load_dataset
     from trainers.batches import epoch_order
+    from trainers.data import load_dataset
     from trainers.models import create_model
 
     torch.set_num_threads(THREADS)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -238,7 +238,7 @@ def submit(cfg: RunConfig, recipe: str | Path, overrides: list[str], *, mode: st
     append_record(JobRecord(
         job_id=job_id, recipe=rel, name=cfg.name, digest=digest, mode=mode,
         overrides=list(overrides), address=url,
-        submitted=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        submitted=datetime.now(UTC).isoformat(timespec="seconds"),
         env=sorted(env_vars)))
     return Submitted(client, url, job_id, entrypoint)
 
@@ -336,4 +336,4 @@ def _print_outcome(client: JobSubmissionClient, url: str, job_id: str, status: s
 def iso_ms(ms: int | None) -> str | None:
     if not ms:
         return None
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")

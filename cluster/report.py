@@ -20,10 +20,10 @@ std). Every "±" here is a sample standard deviation (n-1).
 from __future__ import annotations
 
 import csv
-from io import StringIO
 import math
 import shutil
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 

@@ -19,8 +19,9 @@ Rules the simulation follows (Ray's):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from trainers.errors import ClusterError
 
@@ -63,7 +64,7 @@ class TrialNeeds:
             raise ClusterError("the trial driver needs a CPU share > 0 (Ray refuses {'CPU': 0})")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "TrialNeeds":
+    def from_config(cls, cfg: Any) -> TrialNeeds:
         """The needs of one trial of ``cfg`` (a RunConfig).
 
         num_workers=0 trains inside the trial process, so the driver bundle carries the
@@ -182,7 +183,7 @@ class _Free:
         rest = node.gpus - whole
         self.gpus = [1.0] * whole + ([rest] if rest > _EPS else [])
 
-    def copy(self) -> "_Free":
+    def copy(self) -> _Free:
         other = object.__new__(_Free)
         other.cpus, other.gpus = self.cpus, list(self.gpus)
         return other

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cluster.space import COND_SEP, SearchSpace, parse_space
 from cluster.trial import expected_iterations, run_trial, trial_dirname
@@ -184,8 +185,7 @@ def plan_for(cfg: RunConfig) -> Any:
     autoscaler add nodes (Train's worker start-up timeout bounds the wait); without a cap the
     refusal stands.
     """
-    from cluster.resources import (ResourcePlan, TrialNeeds, cluster_nodes,
-                                   plan_trial_resources)
+    from cluster.resources import ResourcePlan, TrialNeeds, cluster_nodes, plan_trial_resources
     from trainers.errors import ClusterError
 
     needs = TrialNeeds.from_config(cfg)

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import launch
-from conftest import ROOT
 
 
 def readme_commands() -> list[list[str]]:
@@ -49,4 +49,14 @@ def test_import_contracts_hold():
     lint = Path(sys.executable).parent / "lint-imports"
     proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_ruff_is_clean():
+    """pyflakes, pycodestyle errors, bugbear, isort, pyupgrade (rules in pyproject.toml)."""
+    ruff = Path(sys.executable).parent / "ruff"
+    if not ruff.is_file():
+        pytest.skip("ruff is not installed (requirements-test.txt)")
+    proc = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from augment import AugmentError, available, create_augment, register
-from augment import registry
+from augment import AugmentError, available, create_augment, register, registry
 from augment.image import affine_grid, cutmix, mix_batch, mixup
 from trainers.augmenting import build_batch_augment
 from trainers.config import AugmentConfig
-from trainers.recipe import load_config
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 IMAGE_POLICIES = available("image")
 

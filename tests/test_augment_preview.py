@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import CONFIGS, need_shared
 from PIL import Image
 
 import launch
-from conftest import CONFIGS, need_shared
 
 
 def test_image_preview_writes_a_grid_of_originals_and_variants(tmp_path: Path, capsys):
@@ -36,7 +36,7 @@ def test_text_preview_writes_a_table_of_variants(tmp_path: Path):
     assert lines[0].startswith("| label | original | deletion #1")
     rows = [line.strip("|").split(" | ") for line in lines[2:]]
     assert len(rows) == 4 and {r[0].strip() for r in rows} == {"negative", "positive"}
-    for label, original, *variants in rows:
+    for _label, original, *variants in rows:
         assert all(v.strip() != original.strip() for v in variants)
 
 

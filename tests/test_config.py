@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS
 
 from trainers.config import RunConfig, from_dict
-from trainers.recipe import load_config
 from trainers.errors import ConfigError
-from conftest import CONFIGS
+from trainers.recipe import load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

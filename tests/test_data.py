@@ -6,11 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import need_shared
 
 from trainers.config import DataConfig
 from trainers.data import load_dataset, sample_few_shot, stratified_folds
 from trainers.errors import DataError
-from conftest import need_shared
 
 LABELS = [0] * 30 + [1] * 20 + [2] * 12
 

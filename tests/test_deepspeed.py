@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, need_shared
-from trainers.recipe import load_config
+
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -35,10 +35,10 @@ def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
 
     need_shared("data", "text", "sst2")
     from cluster.train import train_distributed
-    from trainers.data import load_dataset
-    from trainers.engines import PlainEngine
     from trainers.batches import Batcher
     from trainers.checkpoints import load_checkpoint_model
+    from trainers.data import load_dataset
+    from trainers.engines import PlainEngine
     from trainers.loop import evaluate
     from trainers.models import create_model
 

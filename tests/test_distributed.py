@@ -7,12 +7,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import CONFIGS
+
 from trainers.config import RunConfig
 from trainers.recipe import load_config
 

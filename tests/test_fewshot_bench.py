@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from conftest import need_shared
 
 from benchmarks import fewshot_text as bench
-from conftest import need_shared
-from trainers.recipe import load_config
 from trainers.errors import DataError
 from trainers.loop import fit
+from trainers.recipe import load_config
 
 TINY = ["--max-test", "24", "--max-length", "16", "--folds", "2"]
 

@@ -56,8 +56,8 @@ def _jobs_api_ready(url: str, token: str) -> bool:
 
 def _stop_head(proc: subprocess.Popen) -> None:
     """SIGTERM the `ray start --block` process (it shuts its node down), then reap stragglers."""
-    import ray  # noqa: F401 - puts Ray's bundled psutil on the path
     import psutil
+    import ray  # noqa: F401 - puts Ray's bundled psutil on the path
 
     try:
         family = [psutil.Process(proc.pid)]

@@ -331,10 +331,10 @@ def test_worker_groups_can_hold_the_concurrent_trials(overlay: str) -> None:
 
 
 def test_required_resources_rule() -> None:
-    cfg = load_config(None, ["scaling.num_workers=2", "scaling.use_gpu=true",
+    cfg = load_config(None, ["data.format=digits", "scaling.num_workers=2", "scaling.use_gpu=true",
                              "scaling.gpus_per_worker=2", "tune.max_concurrent=3"])
     assert required_resources(cfg) == (12.0, 2.0, 3 * (TRIAL_DRIVER_CPUS + 2))
-    cpu_only = load_config(None, ["scaling.num_workers=0"])
+    cpu_only = load_config(None, ["data.format=digits", "scaling.num_workers=0"])
     assert required_resources(cpu_only) == (0.0, 0.0, TRIAL_DRIVER_CPUS + 1)
 
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
-from trainers.recipe import load_config
-from trainers.checkpoints import load_checkpoint_model
-from trainers.loop import TrainingError, fit
-from trainers.errors import SmallshotError
 from conftest import CONFIGS
+
+from trainers.checkpoints import load_checkpoint_model
+from trainers.errors import SmallshotError
+from trainers.loop import TrainingError, fit
+from trainers.recipe import load_config
 
 
 def tiny(tmp_path, *extra):

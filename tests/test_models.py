@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import need_shared
 
 from trainers.config import DataConfig, ModelConfig
 from trainers.data import load_dataset
 from trainers.errors import CheckpointError, ConfigError
 from trainers.metrics import classification_metrics
 from trainers.models import create_model, load_state_file
-from conftest import need_shared
 
 
 def test_cifar_resnet20_pretrained_scores_like_published():

@@ -15,8 +15,8 @@ from PIL import Image
 
 from cluster.report import final_evaluation, summary_text, write_report
 from cluster.tune import run_sweep, sweep_dir_of
-from trainers.recipe import load_config
 from trainers.errors import DataError
+from trainers.recipe import load_config
 
 pytestmark = pytest.mark.ray
 

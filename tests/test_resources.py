@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.resources import DRIVER_CPUS, Node, TrialNeeds, plan_trial_resources
-from trainers.recipe import load_config
 from trainers.errors import ClusterError
+from trainers.recipe import load_config
 
 
 def gpu_nodes(*gpus: int, cpus: float = 8) -> list[dict]:
@@ -44,7 +44,7 @@ def test_fractional_gpus_share_devices_only_for_single_worker_trials() -> None:
     plan = plan_trial_resources(gpu_nodes(2, cpus=16), quarter)
     assert plan.max_concurrent == 4  # 2 per GPU (0.8 of each), not floor(2 / 0.4) = 5
     # in-process trials carry the fraction in their own bundle
-    cfg = load_config(None, ["scaling.num_workers=0", "scaling.use_gpu=true",
+    cfg = load_config(None, ["data.format=digits", "scaling.num_workers=0", "scaling.use_gpu=true",
                              "scaling.gpus_per_worker=0.5"])
     needs = TrialNeeds.from_config(cfg)
     assert needs.driver_bundle == {"CPU": 1.0, "GPU": 0.5}
@@ -75,7 +75,7 @@ def test_cpu_only_cluster_reserves_the_driver_cpu_so_workers_always_fit() -> Non
     assert plan.max_concurrent == 1 and plan.limited_by == "CPU"
     assert plan_trial_resources([{"CPU": 5}], needs).max_concurrent == 2
     # in-process trials: one bundle of cpus_per_worker
-    local = TrialNeeds.from_config(load_config(None, ["scaling.num_workers=0"]))
+    local = TrialNeeds.from_config(load_config(None, ["data.format=digits", "scaling.num_workers=0"]))
     assert local.num_workers == 0 and local.driver_bundle == {"CPU": 1.0}
     assert plan_trial_resources([{"CPU": 2}], local).max_concurrent == 2
     with pytest.raises(ClusterError, match="more CPUs than the whole cluster"):

@@ -6,17 +6,27 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import CONFIGS, need_shared
-from trainers.recipe import load_config
+
+from trainers.batches import Batcher
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
-from trainers.batches import Batcher
 from trainers.loop import fit
 from trainers.models import create_model
-from trainers.strategies import (STRATEGIES, apply_strategy, contrastive_stage,
-                                 create_strategy, fit_linear_probe, head_inputs, head_module,
-                                 make_pairs, pair_loss, register_strategy, strategy_params)
+from trainers.recipe import load_config
+from trainers.strategies import (
+    STRATEGIES,
+    apply_strategy,
+    contrastive_stage,
+    create_strategy,
+    fit_linear_probe,
+    head_inputs,
+    head_module,
+    make_pairs,
+    pair_loss,
+    register_strategy,
+    strategy_params,
+)
 
 CPU = torch.device("cpu")
 

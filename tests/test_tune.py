@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS, ROOT
 
 from cluster.space import Conditional, Dist, parse_space
 from cluster.tune import prepare_sweep_dir, run_sweep, sweep_dir_of
-from conftest import CONFIGS, ROOT
-from trainers.recipe import load_config
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 TINY = CONFIGS / "tiny-digits.yaml"
 

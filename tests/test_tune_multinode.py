@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, simulated_cluster
+
 from trainers.recipe import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]

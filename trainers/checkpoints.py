@@ -9,8 +9,9 @@ need no shared filesystem; rank 0 renames and points.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -262,7 +262,7 @@ class RunConfig:
         """Write the resolved config (atomically: a crash never leaves half a file)."""
         io.write_yaml(path, self.to_dict())
 
-    def with_absolute_paths(self) -> "RunConfig":
+    def with_absolute_paths(self) -> RunConfig:
         """A copy whose output folder and file fields (and an ``hf:<folder>`` model) are
         absolute: Ray workers and Tune trials run in other working folders."""
         changes: dict[str, Any] = {"train.output_dir": os.path.abspath(self.train.output_dir)}
@@ -276,7 +276,7 @@ class RunConfig:
             changes["model.name"] = "hf:" + os.path.abspath(self.model.name[3:])
         return self.replace(changes)
 
-    def replace(self, overrides: dict[str, Any], source: str = "override") -> "RunConfig":
+    def replace(self, overrides: dict[str, Any], source: str = "override") -> RunConfig:
         """A validated copy with dotted-key overrides applied (used by Tune trials)."""
         raw = self.to_dict()
         for key, value in overrides.items():

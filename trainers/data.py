@@ -12,9 +12,9 @@ import dataclasses
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: Sequence[int]) -> "Split":
+    def take(self, idx: Sequence[int]) -> Split:
         idx = list(idx)
         if isinstance(self.inputs, torch.Tensor):
             inputs = self.inputs[torch.as_tensor(idx, dtype=torch.long)]
@@ -178,7 +178,7 @@ def load_text(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
         splits[split] = Split(texts, torch.tensor(labels, dtype=torch.long), sources)
     num_classes = max(int(s.labels.max()) for s in splits.values()) + 1
     train_labels = set(splits[cfg.train_split].labels.tolist())
-    for split, s in splits.items():
+    for s in splits.values():
         bad = [i for i, y in enumerate(s.labels.tolist()) if y not in train_labels]
         if bad:
             raise DataError(f"{s.sources[bad[0]]}: label {int(s.labels[bad[0]])} never occurs in "
@@ -232,7 +232,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
             classes = sorted(found)
             if cfg.max_classes:
                 classes = classes[: cfg.max_classes]
-        images, labels, sources = [], [], []
+        images, labels = [], []
         for label, name in enumerate(classes):
             if name not in found:
                 raise DataError(f"{split_root}: class folder {name!r} is missing (it exists in "

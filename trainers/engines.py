@@ -16,12 +16,13 @@ Train) creates the process group; engines only read it.
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
 import hashlib
 import json
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -13,8 +13,8 @@ Biases and normalisation weights (parameters with one dimension) get neither dec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+from conftest import CONFIGS, need_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import launch
-from conftest import CONFIGS, need_shared
 from trainers.config import RunConfig
-from trainers.recipe import load_config
 from trainers.errors import ConfigError
+from trainers.recipe import load_config
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
 
@@ -143,7 +142,7 @@ def test_catalogue(tmp_path, capsys):
         code = launch.main([*argv, f"train.output_dir={tmp_path / 'runs'}"]
                            if "train.output_dir" not in " ".join(argv) else argv)
         err = capsys.readouterr().err.strip()
-        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         ok = code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err
         if not ok:
             failures.append(f"{what}: exit {code}, stderr {err[-300:]!r}")

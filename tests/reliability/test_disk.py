@@ -5,11 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from conftest import CONFIGS, need_shared
-from trainers.recipe import load_config
+
 from trainers.errors import SmallshotError
 from trainers.loop import fit
+from trainers.recipe import load_config
 
 
 @pytest.fixture

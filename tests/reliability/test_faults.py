@@ -17,15 +17,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import CONFIGS, ROOT, simulated_cluster
 from test_distributed import registered_checkpoints, rows, train_while_killing
 from test_tune import start_sweep_until_a_trial_finishes, trial_states
+
 from trainers.config import RunConfig
 from trainers.recipe import load_config
 
@@ -188,7 +189,7 @@ def test_sigkilled_sweep_driver_resumes_with_finished_trials_byte_identical(
     finished = sorted(t for t, s in before.items() if s == "TERMINATED")
     assert finished and len(finished) < 4, before
     digests = {t: trial_digest(sweep, t) for t in finished}
-    for t, files in digests.items():  # what is checked: results, params, records, checkpoints
+    for files in digests.values():  # what is checked: results, params, records, checkpoints
         assert {"tune/result.json", "tune/params.json", "run/trial.json",
                 "run/metrics.jsonl", "run/checkpoints/final/model.pt"} <= set(files), sorted(files)
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from cluster.jobs import job_entrypoint
-from conftest import ROOT
 from trainers.errors import CheckpointError
 from trainers.models import load_state_file
 
