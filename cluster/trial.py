@@ -65,6 +65,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     """The Tune trainable: one trial = one config, trained in-process or on Ray Train."""
     from ray import tune
 
+    runner = prepare_runner()
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     cfg = trial_config(from_dict(base, source="sweep config"), config, trial_id, sweep_dir)
@@ -74,7 +75,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     record.parent.mkdir(parents=True, exist_ok=True)
     info = {"trial_id": trial_id, "params": {k: v for k, v in config.items()
                                              if COND_SEP not in k},
-            "started": time.time(), "pid": os.getpid(), "node_id": _node_id()}
+            "started": time.time(), "pid": os.getpid(), "node_id": _node_id(), **runner}
+    t0 = time.perf_counter()
+    import trainers.loop  # noqa: F401 - torch & co: paid once per runner, timed for benchmarks
+
+    info["imports_s"] = round(time.perf_counter() - t0, 4)
     io.write_json(record, info)
     try:
         if cfg.data.folds > 1:
@@ -83,8 +88,33 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
         info["ended"] = time.time()
-        io.write_json(record, info)
         _release_memory()
+        info["release_s"] = round(time.time() - info["ended"], 4)
+        io.write_json(record, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Warm runners: a trial process that Tune hands trial after trial (reuse_actors)
+
+# Tune reuses a runner only once the previous trial's thread has unwound (stopped trials unwind
+# from inside tune.report); past this wait (Tune's default: 2 s) Ray 2.60 errors the next trial
+# without telling the searcher, whose concurrency slot then stays taken: the sweep hangs.
+UNWIND_WAIT_S = "600"
+_RUNNER = {"trials": 0}
+
+
+def prepare_runner() -> dict[str, Any]:
+    """Set this trial process up as a warm runner; return what trial.json records of it."""
+    import psutil
+
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = UNWIND_WAIT_S  # read by Tune at each reset
+    if not _RUNNER["trials"]:
+        # what is alive now (Ray, torch, ...) lives as long as the process: keep it out of the
+        # collections that free each trial's model (a full one took ~1 s here)
+        gc.freeze()
+    _RUNNER["trials"] += 1
+    return {"runner_trial": _RUNNER["trials"],
+            "process_started": psutil.Process().create_time()}
 
 
 def _run_once(cfg: RunConfig, trial_id: str) -> None:
@@ -162,6 +192,7 @@ def _node_id() -> str:
 def _release_memory() -> None:
     """Free what a finished or stopped trial held before the next one lands here."""
     gc.collect()
+    gc.freeze()  # what outlives a trial (the runner's caches) is not scanned again next time
     try:
         import torch
 

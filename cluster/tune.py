@@ -151,7 +151,8 @@ def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                               f"--resume)")
         before = io.load_yaml(stored)
         now = _sweep_config(cfg).to_dict()
-        diff = _differences(before, now)
+        # how trials are run may change between runs of a sweep, not what they learn
+        diff = [d for d in _differences(before, now) if d != "tune.reuse_runners"]
         if diff:
             raise ConfigError(f"--resume: the recipe differs from the sweep at {sweep_dir} in "
                               f"{', '.join(diff[:4])}; resume with the same recipe and overrides, "
@@ -221,11 +222,21 @@ def tracking_callbacks(cfg: RunConfig) -> list[Any]:
     return callbacks
 
 
+def reuses_runners(cfg: RunConfig) -> bool:
+    """Whether trials share warm processes (cluster.trial): only in-process ones. A Ray Train
+    trial waits in TorchTrainer.fit, where Tune's stop (raised inside tune.report) never
+    reaches: its workers would train on after ASHA stopped it, and the runner could not be
+    handed on (seen: reports 3-5 of a stopped trial arrived after it 'ended', then the hang)."""
+    return cfg.tune.reuse_runners and cfg.scaling.num_workers == 0
+
+
 def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-              retry_errored: bool = False, search_seed: int | None = None) -> SweepOutcome:
+              retry_errored: bool = False, search_seed: int | None = None,
+              callbacks: list | None = None) -> SweepOutcome:
     """Validate, plan, and run (or resume) the sweep of ``cfg``; return where it lives.
 
-    ``search_seed`` seeds the search algorithm's sampling (default: train.seed).
+    ``search_seed`` seeds the search algorithm's sampling (default: train.seed); ``callbacks``
+    are more Tune callbacks (e.g. a benchmark's timeline).
     """
     space = parse_space(cfg)
     check_sweep(cfg)
@@ -257,13 +268,10 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 metric=t.metric, mode=t.mode, search_alg=search_alg,
                 scheduler=SCHEDULERS.get(t.scheduler)(base), num_samples=t.num_samples,
                 time_budget_s=t.time_budget_s, trial_dirname_creator=trial_dirname,
-                # One fresh process per trial: a stopped trial's memory (GPU included) goes
-                # with its process. Reusing processes saves ~2 s per trial but Tune 2.60
-                # hung here when a stopped trial's thread was slow to return (reset fails).
-                reuse_actors=False),
+                reuse_actors=reuses_runners(base)),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                callbacks=[trial_log(t.metric), *tracking_callbacks(base)],
+                callbacks=[trial_log(t.metric), *tracking_callbacks(base), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)

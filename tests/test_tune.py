@@ -165,9 +165,14 @@ def test_invalid_space_fails_before_any_trial_or_folder(tmp_path: Path, capsys) 
 # Kill and resume (its own Ray, in subprocesses)
 
 
+# Warm runners finish a tiny trial in well under a second: enough trials that the sweep is
+# still running when Tune's snapshot (every KILL_SNAPSHOT_S here) first shows one finished
+KILL_TRIALS, KILL_SNAPSHOT_S = 8, "1"
+
+
 def tune_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "launch.py", "tune", str(TINY), f"train.output_dir={out}",
-            "tune.space={optim.lr: 'loguniform[1e-3, 1e-2]'}", "tune.num_samples=3",
+            "tune.space={optim.lr: 'loguniform[1e-3, 1e-2]'}", f"tune.num_samples={KILL_TRIALS}",
             "tune.scheduler=none", "tune.max_concurrent=1", "train.epochs=3",
             "train.save_checkpoints=false", "--no-report", *extra]
 
@@ -214,14 +219,15 @@ def start_sweep_until_a_trial_finishes(cmd: list[str], sweep: Path, env: dict[st
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "TUNE_GLOBAL_CHECKPOINT_S": KILL_SNAPSHOT_S}
     sweep = tmp_path / "sweeps" / "tiny-digits"
     proc = start_sweep_until_a_trial_finishes(tune_cmd(tmp_path), sweep, env)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
     proc.wait()
     before = trial_states(sweep)
     finished = {t for t, s in before.items() if s == "TERMINATED"}
-    assert len(finished) < 3, before
+    assert len(finished) < KILL_TRIALS, before
     started = {t: json.loads((sweep / "runs" / t / "trial.json").read_text())["started"]
                for t in finished}
     reports = {t: (sweep / t / "result.json").read_text() for t in finished}
@@ -237,7 +243,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) 
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     after = trial_states(sweep)
-    assert len(after) == 3 and set(after.values()) == {"TERMINATED"}, after
+    assert len(after) == KILL_TRIALS and set(after.values()) == {"TERMINATED"}, after
     for t in finished:  # not rerun: same start, same reports
         record = json.loads((sweep / "runs" / t / "trial.json").read_text())
         assert record["started"] == started[t]

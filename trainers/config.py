@@ -253,6 +253,9 @@ class TuneConfig:
     grace_period: int = _f(1, lo=1, help="ASHA: evaluations before a trial may be stopped")
     reduction_factor: float = _f(3.0, lo=1.01, help="ASHA reduction factor")
     max_failures: int = _f(1, lo=0, help="retries of a failed trial")
+    reuse_runners: bool = _f(True, help="in-process trials (scaling.num_workers=0) run one after "
+                             "another in warm processes that keep imports, data and pretrained "
+                             "weights; false = a fresh process per trial")
     name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from trainers import io
+from trainers import io, warm
 from trainers.config import DataConfig
 from trainers.errors import ConfigError, DataError
 from trainers.registry import Registry
@@ -424,7 +424,9 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
     loader = check_data(cfg)
     if not with_test and cfg.test_split:
         cfg = dataclasses.replace(cfg, test_split=None)
-    modality, classes, splits = loader(cfg)
+    # the files are read once per process; the draws below make new splits, never edit these
+    modality, classes, splits = warm.keep("dataset", _source_key(cfg), lambda: loader(cfg))
+    classes, splits = list(classes), dict(splits)
     pool = splits[cfg.train_split]
     labels = pool.labels.tolist()
     if cfg.max_classes and len(classes) > cfg.max_classes:
@@ -467,6 +469,21 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
     if test is not None and cfg.max_test and len(test) > cfg.max_test:
         test = test.take(_stratified_subset(test.labels.tolist(), cfg.max_test, seed=0))
     return FewShotData(modality, classes, pool.take(train_idx), val, test)
+
+
+# what a loader reads (the draw's fields - shots, seed, folds, max_test - act after loading)
+_SOURCE_FIELDS = ("format", "root", "train_split", "test_split", "text_column", "label_column",
+                  "label_text_column", "class_depth", "image_size", "channels")
+
+
+def _source_key(cfg: DataConfig) -> tuple:
+    """The loader's inputs plus the state of the files, so an edited dataset is read again."""
+    root = Path(cfg.root) if cfg.root else None
+    files: tuple = ()
+    if root is not None and root.is_dir():
+        files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                             for p in root.iterdir()))
+    return tuple(getattr(cfg, f) for f in _SOURCE_FIELDS) + (files,)
 
 
 def save_label_map(data: FewShotData, run_dir: Path) -> None:

@@ -54,6 +54,7 @@ from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.steps import train_step
 from trainers.strategies import apply_strategy
+from trainers.timing import Laps
 from trainers.tracking import Tracker
 
 
@@ -77,6 +78,7 @@ class RunResult:
     steps: int = 0
     best_checkpoint: Path | None = None
     stopped_early: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (trainers.timing)
 
 
 def print0(*args: Any) -> None:
@@ -208,6 +210,7 @@ class Run:
     window_loss: float = 0.0  # train loss summed since the last evaluation
     window_n: int = 0
     tracker: Tracker | None = None  # rank 0: metrics.csv, TensorBoard, MLflow
+    laps: Laps = field(default_factory=Laps)  # where the run's time goes, phase by phase
 
 
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
@@ -234,6 +237,7 @@ def _fit(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> RunResult:
 
 def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     """Run folder, data, model, augmentation, the strategy's preparation, the engine."""
+    laps = Laps()
     rank, world_size = world()
     t = cfg.train
     if t.num_threads:
@@ -241,14 +245,17 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     resume_dir = resume_source(cfg, hooks)
     run_dir = prepare_run_dir(cfg, rank, resume_dir)
     barrier()
+    laps.mark("setup")
     data = data or load_dataset(cfg.data, with_test=t.test)
     if rank == 0:
         save_label_map(data, run_dir)
     device = pick_device(cfg, hooks.local_rank)
+    laps.mark("data")
     torch.manual_seed(t.seed)
     built = create_model(cfg.model, data.num_classes)
     if t.grad_checkpointing:
         enable_grad_checkpointing(built.module, cfg.model.name)
+    laps.mark("model")
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
@@ -259,13 +266,15 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     if resume_dir is None:  # a resumed run already carries the prepared weights
         apply_strategy(cfg, built, train_split, device)
+    laps.mark("strategy")
     plan = StepPlan.of(cfg, len(train_split), world_size)
     if plan.grad_accum != t.grad_accum:
         cfg = cfg.replace({"train.grad_accum": plan.grad_accum})
     engine = create_engine(cfg, built.module, device, plan.total_steps)
+    laps.mark("engine")
     return Run(cfg, hooks, rank, world_size, run_dir, data, train_split, augment, built, device,
                plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), resume_dir,
-               tracker=Tracker(cfg, run_dir) if rank == 0 else None)
+               tracker=Tracker(cfg, run_dir) if rank == 0 else None, laps=laps)
 
 
 @torch.no_grad()
@@ -340,6 +349,7 @@ def train(run: Run, progress: Progress) -> None:
         if train_epoch(run, progress):
             break
     run.bar.close()
+    run.laps.mark("train")
 
 
 def train_epoch(run: Run, progress: Progress) -> bool:
@@ -391,6 +401,7 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
     The run's last evaluation is not reported here: on_finish reports it once, together with
     the final metrics (a launcher would otherwise see that row twice)."""
     t = run.cfg.train
+    run.laps.mark("train")
     loss, n = run.window_loss, run.window_n
     if run.world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
         sums = torch.tensor([loss, float(n)], dtype=torch.float64)
@@ -403,6 +414,7 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
     if run.data.val is not None:
         row.update(evaluate(run.engine, run.batcher, run.data.val, run.data.num_classes,
                             t.eval_batch_size, "val"))
+    run.laps.mark("evaluate")
     value = row.get(t.monitor)
     improved = progress.observe(value, run.cfg)
     progress.history.append(row)
@@ -415,8 +427,10 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
         ckpt = run.ckpts.save(run.engine, progress.to_dict(), best=improved or value is None)
         if improved or value is None:
             run.best_ckpt = ckpt
+    run.laps.mark("checkpoints")
     if run.hooks.on_evaluation is not None and not (last or progress.stopped_early):
         run.hooks.on_evaluation(row, ckpt)
+    run.laps.mark("report")
     run.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
                          if k in ("train/loss", t.monitor)})
 
@@ -446,6 +460,8 @@ def finish(run: Run, progress: Progress) -> RunResult:
             run.ckpts.finish(final_dir)  # resume of a finished run needs final only
         best_ckpt = final_dir  # the step checkpoints are gone; final holds the tested weights
         summary["best_checkpoint"] = str(final_dir)
+    run.laps.mark("final")
+    summary["timings"] = run.laps.rounded()  # wall seconds per phase, up to the final report
     if run.rank == 0:
         io.write_json(run.run_dir / "result.json", summary)
         run.tracker.finish(final)
@@ -453,4 +469,4 @@ def finish(run: Run, progress: Progress) -> RunResult:
         run.hooks.on_finish({**(progress.history[-1] if progress.history else {}), **final},
                             final_dir)
     return RunResult(run.run_dir, final, progress.history, progress.epoch, progress.global_step,
-                     best_ckpt, progress.stopped_early)
+                     best_ckpt, progress.stopped_early, run.laps.rounded())

@@ -7,6 +7,7 @@ returns logits, and which names its fresh head (``head_prefixes``) so freezing, 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers import warm
 from trainers.adapters import apply_adapter
 from trainers.config import ModelConfig
 from trainers.errors import CheckpointError, ConfigError
@@ -60,6 +62,13 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    stat = path.stat()
+    key = ("file", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    # read once per process; load_state_dict copies the tensors, so the kept ones stay as read
+    return dict(warm.keep("pretrained", key, lambda: _read_state_file(path)))
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, unsafe globals
@@ -202,13 +211,33 @@ def _hf_model(folder: Path, cfg: ModelConfig, num_classes: int) -> BuiltModel:
     if is_decoder(conf):
         return _hf_decoder(folder, conf, cfg, num_classes)
     if cfg.pretrained:
-        encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
+        # loaded once per process; each run trains its own copy
+        conf, pristine, tokenizer = warm.keep("pretrained", ("hf", _files_key(folder)),
+                                              lambda: _load_hf(folder, cfg.name))
+        encoder = copy.deepcopy(pristine)
     else:
         encoder = AutoModel.from_config(conf, add_pooling_layer=False)
-    tokenizer = _load_tokenizer(folder, cfg.name)
+        tokenizer = _load_tokenizer(folder, cfg.name)
     dropout = cfg.dropout if cfg.dropout is not None else getattr(conf, "hidden_dropout_prob", 0.1)
     model = TextClassifier(encoder, num_classes, cfg.pooling, dropout, cfg.normalize)
     return BuiltModel(model, ("head.",), tokenizer, "text")
+
+
+def _load_hf(folder: Path, name: str) -> tuple[Any, nn.Module, Any]:
+    from transformers import AutoConfig, AutoModel
+
+    conf = AutoConfig.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # a load draws nothing from the run's seeded RNG
+        encoder = AutoModel.from_pretrained(folder, config=conf, add_pooling_layer=False)
+    encoder.eval()  # the kept copy is never trained; fit sets the mode of its own copy
+    return conf, encoder, _load_tokenizer(folder, name)
+
+
+def _files_key(folder: Path) -> tuple:
+    """A folder's identity for the cache: its path and the state of its files."""
+    folder = folder.resolve()
+    return (str(folder),) + tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                         for p in folder.iterdir() if p.is_file()))
 
 
 @register_model("minilm")
