@@ -117,10 +117,10 @@ def seed_step(seed: int, device: torch.device) -> None:
 
 
 def make_train_batch(split: Split, idx: list[int], batcher: Batcher, augment, num_classes: int,
-                     seed: int, device: torch.device) -> tuple[dict[str, torch.Tensor],
-                                                              torch.Tensor]:
+                     seed: int, device: torch.device, targets: torch.Tensor | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Inputs and targets of one training micro batch, augmented online when asked."""
-    targets = split.labels[torch.as_tensor(idx)].to(device)
+    targets = (split.labels[torch.as_tensor(idx)] if targets is None else targets).to(device)
     if augment is None:
         return batcher.inputs(split, idx), targets
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -294,11 +294,17 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     run_dir = prepare_run_dir(cfg, rank)
     _barrier()
     data = data or load_dataset(cfg.data, with_test=t.test)
+    if cfg.augment.rotated_classes:
+        data = augmenting.add_rotated_classes(data)
     if rank == 0:
         save_label_map(data, run_dir)
     device = pick_device(cfg, hooks.local_rank)
     torch.manual_seed(t.seed)
-    built = create_model(cfg.model, data.num_classes)
+    strategy = create_strategy(cfg.model.strategy, cfg.model.strategy_params)
+    built = create_model(cfg.model, data.num_classes,
+                         in_channels=cfg.data.channels if data.modality == "image" else 3)
+    if built.provenance is not None and rank == 0:
+        _write_json(run_dir / "init_from.json", built.provenance)
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
@@ -314,13 +320,15 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
             policy="none", mixup_alpha=cfg.augment.mixup_alpha,
             cutmix_alpha=cfg.augment.cutmix_alpha), data.modality)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
+    strategy.setup(built)
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
-        create_strategy(cfg.model.strategy)(cfg, built, train_split, device)
+        strategy.prepare(cfg, built, train_split, device)
 
     full_batch = optimizer_spec(cfg.optim.name).full_batch
     per_rank = math.ceil(len(train_split) / world_size)
     micro_bs = per_rank if full_batch else min(t.batch_size, per_rank)
-    micro_per_epoch = math.ceil(per_rank / micro_bs)
+    micro_per_epoch = (strategy.micro_batches_per_epoch(len(train_split), micro_bs, world_size)
+                       or math.ceil(per_rank / micro_bs))
     accum = 1 if full_batch else t.grad_accum
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = t.max_steps or steps_per_epoch * t.epochs
@@ -367,6 +375,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
                                "time_s": round(time.perf_counter() - t0, 3)}
         window_loss, window_n = 0.0, 0
         if data.val is not None:
+            strategy.before_evaluation(cfg, built, train_split, device)
             row.update(evaluate(engine, batcher, data.val, data.num_classes, t.eval_batch_size,
                                 "val"))
         value = row.get(t.monitor)
@@ -403,17 +412,21 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
         epoch = progress["epoch"]
         if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
             built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
-        order = epoch_order(len(train_split), t.seed + cfg.data.seed, epoch, rank, world_size)
-        micro_batches = [order[i:i + micro_bs] for i in range(0, len(order), micro_bs)]
+        micro_batches = strategy.batches(cfg, train_split, epoch, rank, world_size)
+        if micro_batches is None:
+            order = epoch_order(len(train_split), t.seed + cfg.data.seed, epoch, rank, world_size)
+            micro_batches = [(order[i:i + micro_bs], None) for i in range(0, len(order), micro_bs)]
         n_micro = len(micro_batches)
         for m in range(progress["micro_in_epoch"], n_micro):
             step = progress["global_step"]
             seed = step_seed(t.seed, epoch * n_micro + m, rank)
             seed_step(seed, device)  # dropout & co. depend on the position only: exact resume
-            idx = micro_batches[m]
+            idx, targets = micro_batches[m]
             inputs, targets = make_train_batch(train_split, idx, batcher, augment,
-                                               data.num_classes, seed, device)
-            loss = soft_cross_entropy(engine.forward(**inputs), targets, t.label_smoothing)
+                                               data.num_classes, seed, device, targets)
+            with strategy.training(built):
+                logits = engine.forward(**inputs)
+            loss = soft_cross_entropy(logits, targets, t.label_smoothing)
             extra = penalty(built.module, cfg.optim.l1, cfg.optim.l2)
             if extra is not None:
                 loss = loss + extra
@@ -447,6 +460,7 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
         state = torch.load(best_ckpt / "model.pt", map_location="cpu", weights_only=True)
         engine.load_model_state(state)
+    strategy.before_evaluation(cfg, built, train_split, device)  # e.g. prototypes of the end
     if history:
         final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
         if progress["best"] is not None:
