@@ -54,6 +54,13 @@ def train(cfg: RunConfig) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from trainers.stages import is_staged, load_stages
+
+    if is_staged(args.recipe):  # each stage a run of its own, in order, each resumable
+        for cfg in load_stages(args.recipe, args.overrides):
+            print(f"== stage {cfg.name} (run folder {cfg.run_dir})", flush=True)
+            print_result(cfg, train(cfg), cfg.run_dir)
+        return 0
     cfg = load_config(args.recipe, args.overrides)
     metrics = train(cfg)
     print_result(cfg, metrics, cfg.run_dir)

@@ -517,26 +517,32 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None
             node = child
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                *, check_paths: bool = True) -> RunConfig:
-    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p}: file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        raw = parse_yaml(text, source) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the recipe must be a mapping of sections "
-                              f"(data, model, optim, ...), got {type(raw).__name__}")
-        raw.setdefault("name", p.stem)
-    lines_src = raw
+def read_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The recipe's top-level mapping (keys remember their YAML lines) and its name for errors."""
+    p = Path(path)
+    source = str(p)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p}: file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = parse_yaml(text, source) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the recipe must be a mapping of sections "
+                          f"(data, model, optim, ...), got {type(raw).__name__}")
+    raw.setdefault("name", p.stem)
+    return raw, source
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, *,
+                 source: str = "config", line_sources: list[Any] = (),
+                 check_paths: bool = True, skip_paths: tuple[str, ...] = ()) -> RunConfig:
+    """Apply ``key=value`` overrides to plain recipe data, validate, return a RunConfig.
+
+    ``line_sources`` are the YAML mappings the data came from, most specific first, so an
+    error names the line; ``skip_paths`` are path fields not checked (outputs of earlier stages).
+    """
     raw = _plain(raw)
     given: dict[str, str] = {}
     for item in overrides or []:
@@ -550,13 +556,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         dotted = msg.split(":", 1)[0]
         if dotted in given:  # the value came from the command line, not the file
             raise ConfigError(f"override {given[dotted]!r}: {msg}") from None
-        line = _line_of(lines_src, dotted)
+        line = next((n for n in (_line_of(src, dotted) for src in line_sources) if n), None)
         where = f"{source} line {line}" if line else source
         raise ConfigError(f"{where}: {msg}") from None
     if check_paths:
-        check_files(cfg)
+        check_files(cfg, skip=skip_paths)
     check_names(cfg)
     return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                *, check_paths: bool = True) -> RunConfig:
+    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
+    if path is None:
+        return build_config({}, overrides, check_paths=check_paths)
+    raw, source = read_recipe(path)
+    if "stages" in raw:
+        names = ", ".join(map(str, raw["stages"] or []))
+        raise ConfigError(f"{source}: a staged recipe (stages: {names}); run it with "
+                          f"`launch.py train {path}`")
+    return build_config(raw, overrides, source=source, line_sources=[raw],
+                        check_paths=check_paths)
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -580,12 +600,12 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def check_files(cfg: RunConfig) -> None:
+def check_files(cfg: RunConfig, skip: tuple[str, ...] = ()) -> None:
     """Fail early on files named in the config that do not exist."""
     for section in (cfg.data, cfg.model):
         name = type(section).__name__.replace("Config", "").lower()
         for f in dataclasses.fields(section):
-            if not f.metadata.get("path"):
+            if not f.metadata.get("path") or f"{name}.{f.name}" in skip:
                 continue
             value = getattr(section, f.name)
             if not value:

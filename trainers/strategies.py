@@ -412,7 +412,8 @@ class ProtoNet(Strategy):
 
     def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
                 device: torch.device) -> None:
-        set_prototypes(cfg, built, train, device, self.metric, self.scale)
+        if not self.episodes:  # episodic runs rebuild the head before each evaluation anyway
+            set_prototypes(cfg, built, train, device, self.metric, self.scale)
 
     def micro_batches_per_epoch(self, n: int, micro_bs: int, world_size: int) -> int | None:
         return -(-self.episodes // world_size) if self.episodes else None
