@@ -62,11 +62,15 @@ class EpisodeSampler:
         order: list[int] = []
         out = []
         for _ in range(episodes):
-            if len(order) < self.shape.ways:  # the next pass over the classes, no repeats
+            while len(set(order)) < self.shape.ways:  # queue up the next pass over the classes
                 fresh = self.classes[:]
                 rng.shuffle(fresh)
-                order += [c for c in fresh if c not in order]
-            chosen, order = order[: self.shape.ways], order[self.shape.ways:]
+                order += fresh
+            chosen: list[int] = []
+            rest: list[int] = []
+            for c in order:  # the first `ways` distinct classes; repeats wait for the next one
+                (chosen if len(chosen) < self.shape.ways and c not in chosen else rest).append(c)
+            order = rest
             support, query = [], []
             for c in chosen:
                 picked = rng.sample(self.by_class[c], self.shape.shots + self.shape.queries)
