@@ -1,14 +1,13 @@
-"""``launch.py augment-preview``: look at what a recipe's augmentation does before training.
+"""Pictures of what an augmentation does (``launch.py augment-preview`` draws them).
 
 Images: a PNG grid, one row per example, the original then 3 augmented versions (the policy,
 then mixup/cutmix when the recipe turns them on). Text: a markdown table of the original and
 3 variants; token-level policies are shown on whitespace tokens framed by [CLS] ... [SEP].
+``augment`` is an ``augment.expand.OnlineAugment`` (or None: the originals repeated).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -16,46 +15,7 @@ from typing import Any
 VARIANTS = 3
 
 
-def add_augment_preview_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="YAML recipe (its data and augment sections are used)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. augment.strength=1")
-    parser.add_argument("--out", required=True,
-                        help="output file: a PNG grid for images, a markdown table for text "
-                             "(a .png name becomes .md for text)")
-    parser.add_argument("--n", type=int, default=8, help="examples to show (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the augmentation draws")
-
-
-def run_augment_preview(args: argparse.Namespace) -> int:
-    from trainers.augmenting import build_batch_augment
-    from trainers.config import load_config
-    from trainers.data import load_dataset
-    from trainers.errors import ConfigError
-
-    if args.n < 1:
-        raise ConfigError(f"--n: expected at least 1 example, got {args.n}")
-    cfg = load_config(args.recipe, args.overrides)
-    data = load_dataset(cfg.data)
-    # preview the transform itself even when the run materialises its copies
-    aug_cfg = dataclasses.replace(cfg.augment, mode="online")
-    augment = build_batch_augment(aug_cfg, data.modality)
-    picks = _one_per_class(data.train.labels.tolist(), args.n)
-    mixing = [name for name, alpha in (("mixup", aug_cfg.mixup_alpha),
-                                       ("cutmix", aug_cfg.cutmix_alpha)) if alpha > 0]
-    title = "+".join([aug_cfg.policy] + mixing)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if data.modality == "image":
-        _image_grid(data, picks, augment, title, args.seed, out)
-    else:
-        if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            out = out.with_suffix(".md")
-        _text_table(data, picks, augment, title, args.seed, out)
-    print(f"wrote {out}")
-    return 0
-
-
-def _one_per_class(labels: list[int], n: int) -> list[int]:
+def one_per_class(labels: list[int], n: int) -> list[int]:
     """Up to n indices, cycling over the classes so the preview shows several of them."""
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -69,25 +29,25 @@ def _one_per_class(labels: list[int], n: int) -> list[int]:
     return picks
 
 
-def _image_grid(data: Any, picks: list[int], augment: Any, title: str, seed: int,
-                out: Path) -> None:
+def image_grid(images: Any, labels: Any, classes: list[str], augment: Any, title: str,
+               seed: int, out: Path) -> None:
+    """One row per image: the original, then VARIANTS augmented draws (policy, then mixing)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
-    x = data.train.inputs[picks]
-    y = data.train.labels[picks]
+    x, y = images, labels
     g = torch.Generator().manual_seed(seed)
     columns = [x]
     for _ in range(VARIANTS):
         v = x if augment is None else augment.images(x, g)
         if augment is not None:
-            v, _ = augment.mix(v, y, data.num_classes, g)
+            v, _ = augment.mix(v, y, len(classes), g)
         columns.append(v)
-    fig, axes = plt.subplots(len(picks), 1 + VARIANTS, squeeze=False,
-                             figsize=(1.6 * (1 + VARIANTS), 1.6 * len(picks)))
-    for r, idx in enumerate(picks):
+    fig, axes = plt.subplots(len(y), 1 + VARIANTS, squeeze=False,
+                             figsize=(1.6 * (1 + VARIANTS), 1.6 * len(y)))
+    for r in range(len(y)):
         for c, col in enumerate(columns):
             img = col[r].permute(1, 2, 0).clamp(0, 1).numpy()
             ax = axes[r][c]
@@ -97,17 +57,17 @@ def _image_grid(data: Any, picks: list[int], augment: Any, title: str, seed: int
             ax.set_yticks([])
             if r == 0:
                 ax.set_title("original" if c == 0 else f"{title} #{c}", fontsize=8)
-        axes[r][0].set_ylabel(data.classes[int(y[r])], fontsize=7)
+        axes[r][0].set_ylabel(classes[int(y[r])], fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def _text_table(data: Any, picks: list[int], augment: Any, title: str, seed: int,
-                out: Path) -> None:
+def text_table(texts: list[str], labels: list[int], classes: list[str], augment: Any,
+               title: str, seed: int, out: Path) -> None:
+    """A markdown table: label, original text, then VARIANTS augmented versions."""
     import torch
 
-    texts = [data.train.inputs[i] for i in picks]
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     if augment is None:
@@ -118,8 +78,8 @@ def _text_table(data: Any, picks: list[int], augment: Any, title: str, seed: int
         variants = [augment.texts(texts, rng) for _ in range(VARIANTS)]
     head = ["label", "original"] + [f"{title} #{k + 1}" for k in range(VARIANTS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r, i in enumerate(picks):
-        cells = [data.classes[int(data.train.labels[i])], texts[r]] + [v[r] for v in variants]
+    for r, y in enumerate(labels):
+        cells = [classes[int(y)], texts[r]] + [v[r] for v in variants]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

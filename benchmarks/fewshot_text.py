@@ -133,7 +133,7 @@ def _test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 @register_method("smallshot")
 def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.loop import fit
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides))
@@ -146,7 +146,7 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) ->
 
 @register_method("full-ft")
 def run_full(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.loop import fit
 
     cfg = load_config(BASELINE_RECIPE, cell_overrides(cell, root, out)
@@ -169,7 +169,7 @@ def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> di
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.data import load_dataset
     from trainers.metrics import classification_metrics
     from trainers.models import minilm_path

@@ -124,7 +124,7 @@ def pixels_nn(run: Path) -> float:
 
 
 def cifar_frozen(run: Path, ctx: dict[str, Any]) -> float:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.models import create_model
 
     cfg = load_config(CIFAR_RECIPE, [f"train.output_dir={ctx['out']}"])
@@ -138,7 +138,7 @@ def cifar_frozen(run: Path, ctx: dict[str, Any]) -> float:
 
 
 def cifar_finetuned(run: Path, ctx: dict[str, Any]) -> float:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
     from trainers.data import FewShotData, Split
     from trainers.loop import fit
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import markdown_table, write_results
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.metrics import mean_std
+from trainers.recipe import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 OPTIMIZERS = ["sgd", "momentum", "adam"]
@@ -123,7 +125,7 @@ def markdown(res: dict[str, Any]) -> str:
         costs = [r["cost"] for r in runs]
         ratio = [c / g["cost"] for c in costs]
         reached = sum(r["reached"] for r in runs)
-        rows.append([name, f"{statistics.fmean(costs):.1f} ± {statistics.pstdev(costs):.1f}",
+        rows.append([name, "{:.1f} ± {:.1f}".format(*mean_std(costs)),
                      f"{statistics.fmean(ratio):.2f} (max {max(ratio):.2f})",
                      f"{reached}/{len(runs)}",
                      "per seed: " + ", ".join(str(c) for c in costs)])

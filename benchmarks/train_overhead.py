@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, write_results
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 THREADS = 1  # one thread per process: shared, loaded cores make multi-thread timings erratic
@@ -69,7 +70,7 @@ Clock = tuple[list[float], list[float] | None]  # wall and process-CPU seconds a
 def plain_loop(cfg: RunConfig) -> Clock:
     """What one would write by hand: AdamW, linear warmup/decay, clipping; clock every window."""
     from trainers.data import load_dataset
-    from trainers.loop import epoch_order
+    from trainers.batches import epoch_order
     from trainers.models import create_model
 
     torch.set_num_threads(THREADS)

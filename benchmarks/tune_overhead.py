@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import markdown_table, write_results
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SLEEP_S = 0.5
@@ -40,7 +41,8 @@ def sleep_trial(config: dict[str, Any]) -> None:
 def sleep_sweep(n: int, out: Path) -> float:
     from ray import tune
 
-    from cluster.tune import trial_dirname, trial_log
+    from cluster.trial import trial_dirname
+    from cluster.tune import trial_log
 
     trainable = tune.with_resources(sleep_trial, {"CPU": 1})
     t0 = time.perf_counter()

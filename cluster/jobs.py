@@ -1,4 +1,4 @@
-"""Submit recipes to a running Ray cluster through the Ray Jobs API, then follow, stop and list them.
+"""Ray Jobs API: submit recipes to a running Ray cluster, follow, stop and list them.
 
     python launch.py submit configs/sst2-minilm.yaml optim.lr=3e-4 --address http://head:8265
     python launch.py status <job id>      # also: logs [--follow], stop
@@ -13,7 +13,6 @@ it is never printed, passed to the job or written to the jobs file.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import fnmatch
 import json
@@ -37,11 +36,12 @@ from trainers.errors import ClusterError, ConfigError
 if TYPE_CHECKING:  # ray is imported inside functions: `launch.py --help` must stay instant
     from ray.job_submission import JobSubmissionClient
 
+    from trainers.config import RunConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never shipped: environments, VCS data, outputs and caches (the working_dir upload is capped).
 EXCLUDES = [".venv*", ".git", "runs", "benchmarks/results", "__pycache__", "*.egg-info",
             ".pytest_cache", ".ruff_cache", ".mypy_cache", ".hypothesis", "*.pyc"]
-MODES = ("tune", "train")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DASHBOARD_PORT = 8265
 CONNECT_TIMEOUT_S = 10.0
@@ -105,7 +105,7 @@ def _check_reachable(url: str) -> None:
 
 
 @contextmanager
-def _cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
+def cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
     """Turn the Jobs client's exceptions into one-line ClusterErrors naming the address or job."""
     import aiohttp
     import requests
@@ -148,7 +148,7 @@ def connect(address: str | None) -> tuple[JobSubmissionClient, str]:
     token = load_token()
     # Sent explicitly: Ray adds the header itself only when this process runs in token mode.
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    with _cluster_errors(url):
+    with cluster_errors(url):
         return JobSubmissionClient(url, headers=headers), url
 
 
@@ -204,56 +204,43 @@ def read_records() -> list[JobRecord]:
 # submit
 
 
-def add_submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe inside the project folder (e.g. configs/x.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
-    _add_address(p)
-    p.add_argument("--mode", choices=MODES, default="tune",
-                   help="run `launch.py tune` (a sweep) or `launch.py train` (one run); default tune")
-    p.add_argument("--pip", action="store_true",
-                   help="install requirements.txt into the job's environment (slow: prefer an "
-                   "image that has them)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
-                   help="environment variable for the job (repeatable; the dashboard shows "
-                   "it, so no secrets)")
-    p.add_argument("--no-follow", action="store_true",
-                   help="return after submitting instead of tailing the logs to the end")
+@dataclass(frozen=True)
+class Submitted:
+    client: JobSubmissionClient
+    url: str
+    job_id: str
+    entrypoint: str
 
 
-def run_submit(args: argparse.Namespace) -> int:
-    from trainers.config import load_config
+def submit(cfg: RunConfig, recipe: str | Path, overrides: list[str], *, mode: str,
+           pip: bool = False, env: list[str] | None = None,
+           address: str | None = None) -> Submitted:
+    """Submit ``launch.py <mode> <recipe> <overrides>`` as a Ray job and record it locally.
 
-    # Everything checkable here is checked before the cluster is contacted.
-    cfg = load_config(args.recipe, args.overrides, check_paths=False)
-    recipe = _recipe_in_project(Path(args.recipe))
-    env_vars = _parse_env(args.env)
-    entrypoint = job_entrypoint(args.mode, recipe, args.overrides)
+    Everything checkable here (recipe inside the shipped folder, env names) is checked before
+    the cluster is contacted."""
+    rel = _recipe_in_project(Path(recipe))
+    env_vars = _parse_env(env or [])
+    entrypoint = job_entrypoint(mode, rel, overrides)
     runtime_env: dict[str, Any] = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
-    if args.pip:
+    if pip:
         runtime_env["pip"] = _requirements()
     if env_vars:
         runtime_env["env_vars"] = env_vars
 
-    client, url = connect(args.address)
+    client, url = connect(address)
     digest = cfg.digest()
     job_id = f"smallshot-{_slug(cfg.name)}-{digest}-{secrets.token_hex(3)}"
-    metadata = {"smallshot.recipe": recipe, "smallshot.digest": digest,
-                "smallshot.mode": args.mode}
-    with _cluster_errors(url):
+    metadata = {"smallshot.recipe": rel, "smallshot.digest": digest, "smallshot.mode": mode}
+    with cluster_errors(url):
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    submission_id=job_id, metadata=metadata)
     append_record(JobRecord(
-        job_id=job_id, recipe=recipe, name=cfg.name, digest=digest, mode=args.mode,
-        overrides=list(args.overrides), address=url,
+        job_id=job_id, recipe=rel, name=cfg.name, digest=digest, mode=mode,
+        overrides=list(overrides), address=url,
         submitted=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         env=sorted(env_vars)))
-    print(f"submitted {job_id} to {url}")
-    print(f"  entrypoint: {entrypoint}")
-    if args.no_follow:
-        print(f"  follow with: python launch.py logs {job_id} --follow --address {url}")
-        return 0
-    status = _follow(client, url, job_id)
-    return 0 if status == "SUCCEEDED" else 1
+    return Submitted(client, url, job_id, entrypoint)
 
 
 def job_entrypoint(mode: str, recipe: str, overrides: list[str]) -> str:
@@ -300,7 +287,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
 
 
-def _follow(client: JobSubmissionClient, url: str, job_id: str) -> str:
+def follow(client: JobSubmissionClient, url: str, job_id: str) -> str:
     """Stream the job's logs until it ends; return its final status."""
 
     async def tail() -> None:
@@ -309,23 +296,23 @@ def _follow(client: JobSubmissionClient, url: str, job_id: str) -> str:
             sys.stdout.flush()
 
     try:
-        with _cluster_errors(url, job_id):
+        with cluster_errors(url, job_id):
             asyncio.run(tail())
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running (stop it with: python launch.py stop "
               f"{job_id} --address {url})", file=sys.stderr)
         raise
-    status = _wait_for_end(client, url, job_id, timeout_s=30.0)
+    status = wait_for_end(client, url, job_id, timeout_s=30.0)
     _print_outcome(client, url, job_id, status)
     return status or "RUNNING"
 
 
-def _wait_for_end(client: JobSubmissionClient, url: str, job_id: str,
+def wait_for_end(client: JobSubmissionClient, url: str, job_id: str,
                   timeout_s: float) -> str | None:
     """The job's terminal status, or None if it has not ended within timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with _cluster_errors(url, job_id):
+        with cluster_errors(url, job_id):
             status = str(client.get_job_status(job_id).value)
         if status in TERMINAL:
             return status
@@ -340,116 +327,13 @@ def _print_outcome(client: JobSubmissionClient, url: str, job_id: str, status: s
         return
     message = ""
     if status != "SUCCEEDED":
-        with _cluster_errors(url, job_id):
+        with cluster_errors(url, job_id):
             info = client.get_job_info(job_id)
         message = f": {info.message}" if info.message else ""
     print(f"job {job_id} {status}{message}", file=sys.stderr if status != "SUCCEEDED" else sys.stdout)
 
 
-# --------------------------------------------------------------------------------------------
-# status, logs, stop, list
-
-
-def _add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray dashboard address, e.g. http://head:8265 (default $RAY_ADDRESS)")
-
-
-def _add_job_id(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job_id", help="the id printed by `launch.py submit` (or a Ray job id)")
-    _add_address(p)
-
-
-def add_status_args(p: argparse.ArgumentParser) -> None:
-    _add_job_id(p)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    client, url = connect(args.address)
-    with _cluster_errors(url, args.job_id):
-        info = client.get_job_info(args.job_id)
-    rows = {"job": args.job_id, "status": info.status.value, "message": info.message,
-            "entrypoint": info.entrypoint, "started": _iso_ms(info.start_time),
-            "ended": _iso_ms(info.end_time), "exit code": info.driver_exit_code}
-    rows.update({k.removeprefix("smallshot."): v for k, v in (info.metadata or {}).items()})
-    for key, value in rows.items():
-        if value not in (None, ""):
-            print(f"{key + ':':<12}{value}")
-    return 0
-
-
-def add_logs_args(p: argparse.ArgumentParser) -> None:
-    _add_job_id(p)
-    p.add_argument("--follow", "-f", action="store_true", help="keep tailing until the job ends")
-
-
-def run_logs(args: argparse.Namespace) -> int:
-    client, url = connect(args.address)
-    if args.follow:
-        return 0 if _follow(client, url, args.job_id) == "SUCCEEDED" else 1
-    with _cluster_errors(url, args.job_id):
-        sys.stdout.write(client.get_job_logs(args.job_id))
-    return 0
-
-
-def add_stop_args(p: argparse.ArgumentParser) -> None:
-    _add_job_id(p)
-    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                   help="wait this long for the job to end (0 = return at once); default 60")
-
-
-def run_stop(args: argparse.Namespace) -> int:
-    client, url = connect(args.address)
-    with _cluster_errors(url, args.job_id):
-        was_running = client.stop_job(args.job_id)
-    if not was_running:
-        with _cluster_errors(url, args.job_id):
-            status = client.get_job_status(args.job_id).value
-        print(f"job {args.job_id} had already ended: {status}")
-        return 0
-    if args.wait <= 0:
-        print(f"stop requested for {args.job_id}")
-        return 0
-    status = _wait_for_end(client, url, args.job_id, args.wait)
-    if status is None:
-        print(f"job {args.job_id} is still running {args.wait:g} s after the stop request",
-              file=sys.stderr)
-        return 1
-    print(f"job {args.job_id} {status}")
-    return 0
-
-
-def add_list_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="also show each job's current status on this cluster")
-    p.add_argument("--last", type=int, default=20, metavar="N", help="newest N jobs (default 20)")
-
-
-def run_list(args: argparse.Namespace) -> int:
-    records = read_records()[-args.last:] if args.last > 0 else read_records()
-    if not records:
-        print(f"no jobs submitted yet ({jobs_file()})")
-        return 0
-    statuses: dict[str, str] | None = None
-    if args.address:
-        client, url = connect(args.address)
-        with _cluster_errors(url):
-            statuses = {j.submission_id: j.status.value for j in client.list_jobs()
-                        if j.submission_id}
-    header = ["JOB ID", "SUBMITTED", "MODE", "RECIPE", "DIGEST", "ADDRESS"]
-    rows = [[r.job_id, r.submitted, r.mode, " ".join([r.recipe, *r.overrides]), r.digest,
-             r.address] for r in records]
-    if statuses is not None:
-        header.append("STATUS")
-        for row, r in zip(rows, records):
-            row.append(statuses.get(r.job_id, "-"))
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return 0
-
-
-def _iso_ms(ms: int | None) -> str | None:
+def iso_ms(ms: int | None) -> str | None:
     if not ms:
         return None
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")

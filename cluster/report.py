@@ -13,28 +13,26 @@ Writes into the sweep folder:
     final/summary.json                  test metrics of the best config over few-shot seeds
 
 The score of a trial is the best value of ``tune.metric`` over its evaluations (the checkpoint
-fit keeps and exports), or, for k-fold trials, the mean over the folds it ran (± their std).
+fit keeps and exports), or, for k-fold trials, the mean over the folds it ran (± their sample
+std). Every "±" here is a sample standard deviation (n-1).
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
+from io import StringIO
 import math
-import os
 import shutil
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cluster.tune import SWEEP_RECORD
+from trainers import io
 from trainers.config import RunConfig, from_dict
 from trainers.errors import ConfigError
+from trainers.metrics import STD_KIND
 
-SWEEP_RECORD = "sweep.yaml"  # written by cluster.tune
 LOG_KINDS = ("loguniform", "qloguniform", "lograndint")
 
 
@@ -77,21 +75,12 @@ def load_sweep_config(sweep_dir: Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep folder (no {SWEEP_RECORD}; sweeps live in "
                           f"<train.output_dir>/sweeps/<name>)")
-    return from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    return from_dict(io.load_yaml(path), source=str(path))
 
 
 def _history(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                break
-    return rows
+    path = trial_dir / "result.json"  # Tune's JSON lines, one per report
+    return io.read_jsonl(path) if path.is_file() else []
 
 
 def _error_message(trial: Any) -> str:
@@ -183,7 +172,7 @@ def leaderboard_markdown(rep: Report, top: int | None = None) -> str:
 
 
 def leaderboard_csv(rep: Report) -> str:
-    out = io.StringIO()
+    out = StringIO()
     w = csv.writer(out)
     w.writerow([*leaderboard_columns(rep), f"{rep.metric}_std"])
     for i, r in enumerate(rep.rows, 1):
@@ -346,9 +335,9 @@ def export_best(rep: Report) -> Path | None:
     model = next((c for c in candidates if c.is_file()), None)
     if model is not None:
         shutil.copy2(model, out / "model.pt")
-    (out / "trial.json").write_text(json.dumps(
-        {"trial_id": best.trial_id, "params": best.params, "score": best.score,
-         "std": best.std, "model": str(model) if model else None}, indent=1, default=str))
+    io.write_json(out / "trial.json",
+                  {"trial_id": best.trial_id, "params": best.params, "score": best.score,
+                   "std": best.std, "model": str(model) if model else None})
     return out
 
 
@@ -358,7 +347,7 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
     The only place a sweep reads the test split. k-fold is turned off (all K shots train).
     Results are cached in final/summary.json for the same best trial and seeds.
     """
-    from trainers.cli import train
+    from cluster.run import evaluate_seeds
 
     best = next((r for r in rep.rows if r.score is not None), None)
     if best is None or seeds <= 0:
@@ -366,31 +355,25 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
     out = rep.sweep_dir / "final"
     cache = out / "summary.json"
     if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("trial_id") == best.trial_id and cached.get("seeds") == seeds:
+        cached = io.read_json(cache)
+        if (cached.get("trial_id"), cached.get("seeds"), cached.get("std")) == \
+                (best.trial_id, seeds, STD_KIND):
             return cached
-    cfg = best_config(rep, best)
-    per_seed = []
-    for seed in range(seeds):
-        run = cfg.replace({"data.seed": seed, "data.folds": 0, "data.fold": 0,
-                           "train.test": True, "train.progress": False,
-                           "train.output_dir": str(out), "train.run_name": f"seed-{seed}",
-                           "scaling.storage_path": str(out / "train")},
-                          source="final evaluation")
+
+    def announce(seed: int) -> dict[str, Any]:
         print(f"final evaluation: best config, few-shot seed {seed} ...", flush=True)
-        metrics = train(run)
-        per_seed.append({"seed": seed, **{k: v for k, v in metrics.items()
-                                           if k.startswith("test/")}})
-    keys = sorted({k for m in per_seed for k in m if k.startswith("test/")})
-    stats = {k: {"mean": statistics.fmean(m[k] for m in per_seed),
-                 "std": statistics.pstdev([m[k] for m in per_seed]) if len(per_seed) > 1 else 0.0}
-             for k in keys}
+        return {"train.run_name": f"seed-{seed}"}
+
+    cfg = best_config(rep, best).replace(
+        {"data.folds": 0, "data.fold": 0, "train.test": True, "train.progress": False,
+         "train.output_dir": str(out), "scaling.storage_path": str(out / "train")},
+        source="final evaluation")
+    results = evaluate_seeds(cfg, seeds, overrides=announce, source="final evaluation")
+    per_seed = [{k: v for k, v in row.items() if k == "seed" or k.startswith("test/")}
+                for row in results.per_seed]
     summary = {"trial_id": best.trial_id, "params": best.params, "seeds": seeds,
-               "per_seed": per_seed, "test": stats}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, cache)
+               "per_seed": per_seed, "test": results.summary, "std": results.std_kind}
+    io.write_json(cache, summary)
     return summary
 
 
@@ -403,7 +386,7 @@ def write_report(sweep_dir: str | Path, *, final: bool = True) -> Report:
     import matplotlib
 
     matplotlib.use("Agg")
-    from cluster.tune import expected_iterations
+    from cluster.trial import expected_iterations
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg = load_sweep_config(sweep_dir)
@@ -417,8 +400,8 @@ def write_report(sweep_dir: str | Path, *, final: bool = True) -> Report:
     rep.best_export = export_best(rep)
     if final:
         rep.final = final_evaluation(rep, cfg.tune.final_seeds)
-    (sweep_dir / "leaderboard.csv").write_text(leaderboard_csv(rep))
-    (sweep_dir / "report.md").write_text(report_markdown(rep))
+    io.write_text(sweep_dir / "leaderboard.csv", leaderboard_csv(rep))
+    io.write_text(sweep_dir / "report.md", report_markdown(rep))
     return rep
 
 
@@ -430,7 +413,7 @@ def final_text(rep: Report) -> str:
     order = [key] + [k for k in stats if k != key]
     parts = [f"{k} {stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" for k in order if k in stats]
     return (f"final test of the best config (trial {rep.final['trial_id']}, "
-            f"{rep.final['seeds']} few-shot seed(s)): " + "; ".join(parts))
+            f"{rep.final['seeds']} few-shot seed(s), mean ± {STD_KIND}): " + "; ".join(parts))
 
 
 def report_markdown(rep: Report) -> str:

@@ -7,8 +7,6 @@ checkpoints to Ray, and resumes from ``ray.train.get_checkpoint()`` after a fail
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -17,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers import io
 from trainers.config import RunConfig, from_dict
 from trainers.errors import ClusterError
+from trainers.metrics import final_row, numeric
 
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
@@ -33,22 +33,14 @@ class DistributedResult:
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Absolute paths (output, storage, data/weights files): workers run in another folder."""
-    out = os.path.abspath(cfg.train.output_dir)
-    storage = cfg.scaling.storage_path or os.path.join(out, "ray")
+    """Absolute paths (output, storage, data/weights files) and a fixed run name: workers run
+    in another folder, and a name derived from the config must not change on the way."""
+    run_name = cfg.run_dir.name
+    cfg = cfg.with_absolute_paths()
+    storage = cfg.scaling.storage_path or os.path.join(cfg.train.output_dir, "ray")
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    changes: dict[str, Any] = {"train.output_dir": out, "scaling.storage_path": storage,
-                               "train.run_name": cfg.run_dir.name}
-    for section in ("data", "model"):  # the fields the config marks as paths
-        part = getattr(cfg, section)
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            if f.metadata.get("path") and value:
-                changes[f"{section}.{f.name}"] = os.path.abspath(value)
-    if cfg.model.name.startswith("hf:"):  # a local model folder named inside model.name
-        changes["model.name"] = "hf:" + os.path.abspath(cfg.model.name[3:])
-    return cfg.replace(changes)
+    return cfg.replace({"scaling.storage_path": storage, "train.run_name": run_name})
 
 
 def backend(use_gpu: bool) -> str:
@@ -173,16 +165,13 @@ def train_worker(config: dict[str, Any]) -> None:
         from ray.train import Checkpoint
 
         send = folder is not None and uploads
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        ray.train.report(numeric(metrics),
                          checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
 
     def finish(metrics: dict[str, Any], folder: Path | None) -> None:
         from ray.train import Checkpoint
 
-        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        best = metrics.get(f"best_{cfg.train.monitor}")
-        if best is not None:
-            row[cfg.train.monitor] = best  # the final checkpoint ranks by the best value seen
+        row = final_row(metrics, cfg.train.monitor)
         row["finished"] = 1  # not "done": Tune reads that key as "stop this trial"
         send = folder is not None and rank == 0
         ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
@@ -212,6 +201,4 @@ def record_placement(cfg: RunConfig, rank: int, ctx: Any) -> None:
     info = {"rank": rank, "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
             "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
             "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-    tmp = folder / f".rank-{rank}.json.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, folder / f"rank-{rank}.json")
+    io.write_json(folder / f"rank-{rank}.json", info, indent=None)

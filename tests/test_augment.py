@@ -9,7 +9,8 @@ from augment import AugmentError, available, create_augment, register
 from augment import registry
 from augment.image import affine_grid, cutmix, mix_batch, mixup
 from trainers.augmenting import build_batch_augment
-from trainers.config import AugmentConfig, load_config
+from trainers.config import AugmentConfig
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 IMAGE_POLICIES = available("image")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainers.config import RunConfig, from_dict, load_config
+from trainers.config import RunConfig, from_dict
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 from conftest import CONFIGS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, need_shared
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
@@ -36,8 +36,10 @@ def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
     need_shared("data", "text", "sst2")
     from cluster.train import train_distributed
     from trainers.data import load_dataset
-    from trainers.engines import Engine
-    from trainers.loop import Batcher, evaluate, load_checkpoint_model
+    from trainers.engines import PlainEngine
+    from trainers.batches import Batcher
+    from trainers.checkpoints import load_checkpoint_model
+    from trainers.loop import evaluate
     from trainers.models import create_model
 
     cfg = load_config(CONFIGS / "sst2-minilm.yaml", [
@@ -55,7 +57,7 @@ def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
     # the exported weights load strictly into a plain model and reproduce the reported scores
     data = load_dataset(cfg.data)
     built = load_checkpoint_model(cfg, final, data.num_classes)
-    engine = Engine(cfg, built.module, torch.device("cpu"), total_steps=1)
+    engine = PlainEngine(cfg, built.module, torch.device("cpu"), total_steps=1)
     again = evaluate(engine, Batcher(cfg, built, engine.device), data.test, data.num_classes,
                      cfg.train.eval_batch_size, "test")
     for key in ("test/accuracy", "test/f1", "test/mcc"):

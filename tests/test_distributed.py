@@ -13,7 +13,8 @@ from typing import Any, Callable
 import pytest
 
 from conftest import CONFIGS
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import fewshot_text as bench
 from conftest import need_shared
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import DataError
 from trainers.loop import fit
 

@@ -180,7 +180,7 @@ def test_wrong_or_missing_token_is_refused(head: Head, client_env: dict[str, str
 
 def test_train_job_runs_to_success_and_its_logs_are_readable(
         head: Head, client_env: dict[str, str]) -> None:
-    from trainers.config import load_config
+    from trainers.recipe import load_config
 
     out = launch("submit", RECIPE, "--mode", "train", "--address", head.url, env=client_env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -24,7 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS_DIR = ROOT / "k8s" / "overlays"

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from trainers.config import load_config
-from trainers.loop import TrainingError, fit, load_checkpoint_model
+from trainers.recipe import load_config
+from trainers.checkpoints import load_checkpoint_model
+from trainers.loop import TrainingError, fit
 from trainers.errors import SmallshotError
 from conftest import CONFIGS
 

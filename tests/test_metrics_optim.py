@@ -45,7 +45,7 @@ def test_optimizer_registry_builds_each_and_refuses_unknown():
         assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
     assert create_optimizer(OptimConfig(name="momentum", nesterov=True), model
                             ).param_groups[0]["nesterov"] is True
-    with pytest.raises(ConfigError, match="optim.name='adamm'.*did you mean 'adam'"):
+    with pytest.raises(ConfigError, match="optim.name: unknown optimizer 'adamm'.*did you mean 'adam'"):
         create_optimizer(OptimConfig(name="adamm"), model)
 
 

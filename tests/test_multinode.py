@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, simulated_cluster
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 from trainers.errors import ClusterError
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]

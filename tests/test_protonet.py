@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, ROOT
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.episodes import EpisodeSampler, EpisodeShape, epoch_episodes, rotated_classes
 from trainers.errors import CheckpointError, ConfigError, DataError
 from trainers.loop import fit
@@ -88,8 +88,9 @@ def test_prototype_head_equals_nearest_prototype():
 
 
 def test_strategy_params_are_checked_against_the_signature(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.strategy_params.way: not an option of "
-                       r"strategy 'protonet' .*did you mean 'ways'"):
+    with pytest.raises(ConfigError, match=r"^override 'model.strategy_params=\{way: 5\}': "
+                       r"model.strategy_params.way: unknown parameter of strategy 'protonet' "
+                       r".*did you mean 'ways'"):
         digits(tmp_path, "model.strategy=protonet", "model.strategy_params={way: 5}")
     with pytest.raises(ConfigError, match="metric='l1'"):
         create_strategy("protonet", {"metric": "l1"})
@@ -141,7 +142,7 @@ def test_init_from_refuses_an_incompatible_backbone_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "launch.py", "train", str(CONFIGS / "tiny-digits.yaml"),
                            f"train.output_dir={tmp_path}", "model.name=conv4:8",
                            f"model.init_from={source.run_dir}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: model.init_from=") and proc.stderr.count("\n") == 1
     with pytest.raises(ConfigError, match="model.init_from: .* does not exist"):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cluster.report import final_evaluation, summary_text, write_report
 from cluster.tune import run_sweep, sweep_dir_of
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import DataError
 
 pytestmark = pytest.mark.ray
@@ -100,7 +100,7 @@ def test_report_lists_failures_exports_best_and_tests_only_at_the_end(tmp_path: 
     acc = rep.final["test"]["test/accuracy"]
     per_seed = [m["test/accuracy"] for m in rep.final["per_seed"]]
     assert len(per_seed) == 2 and acc["mean"] == pytest.approx(statistics.fmean(per_seed))
-    assert acc["std"] == pytest.approx(statistics.pstdev(per_seed))
+    assert acc["std"] == pytest.approx(statistics.stdev(per_seed))
     assert "test/accuracy" in (sweep / "report.md").read_text()
     text = summary_text(rep, top=2)
     assert "| 1 | " in text and "| 3 | " not in text and "test/accuracy" in text and "±" in text
@@ -125,7 +125,7 @@ def test_kfold_trials_report_the_fold_mean_and_std(tmp_path: Path, data_root, lo
         assert [r["fold"] for r in rows] == [1, 2, 3]  # one report per fold: ASHA's iterations
         folds = [r["val/accuracy_fold"] for r in rows]
         assert rows[-1]["val/accuracy"] == pytest.approx(statistics.fmean(folds))
-        assert rows[-1]["val/accuracy_std"] == pytest.approx(statistics.pstdev(folds))
+        assert rows[-1]["val/accuracy_std"] == pytest.approx(statistics.stdev(folds))
     for trial in (sweep / "runs").iterdir():
         assert sorted(p.name for p in trial.iterdir() if p.is_dir()) == ["fold-0", "fold-1",
                                                                           "fold-2"]

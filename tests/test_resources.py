@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.resources import DRIVER_CPUS, Node, TrialNeeds, plan_trial_resources
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ClusterError
 
 

@@ -8,10 +8,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import CONFIGS, need_shared
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
-from trainers.loop import Batcher, fit
+from trainers.batches import Batcher
+from trainers.loop import fit
 from trainers.models import create_model
 from trainers.strategies import (STRATEGIES, contrastive_stage, create_strategy,
                                  fit_linear_probe, head_inputs, head_module, make_pairs,
@@ -43,7 +44,7 @@ def train_accuracy(built, batcher, split) -> float:
 
 
 def test_unknown_strategy_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="model.strategy='probe-ft': unknown"):
+    with pytest.raises(ConfigError, match="model.strategy: unknown strategy 'probe-ft'"):
         digits(tmp_path, "model.strategy=probe-ft")
     with pytest.raises(ConfigError, match="allowed: full, lp-ft, contrastive"):
         create_strategy("nope")
@@ -149,7 +150,7 @@ def test_materialised_augmentation_reaches_the_strategy(tmp_path):
                    "augment.policy=eda", "augment.mode=materialised", "augment.copies=2")
         fit(cfg)
     finally:
-        STRATEGIES.pop("record-size")
+        STRATEGIES.remove("record-size")
     assert seen == [8 * 3]  # D ∪ T(D): 4 shots x 2 classes, each with 2 transformed copies
 
 

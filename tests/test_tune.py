@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tune import (Conditional, Dist, parse_space, prepare_sweep_dir, run_sweep,
-                          sweep_dir_of)
+from cluster.space import Conditional, Dist, parse_space
+from cluster.tune import prepare_sweep_dir, run_sweep, sweep_dir_of
 from conftest import CONFIGS, ROOT
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 TINY = CONFIGS / "tiny-digits.yaml"
@@ -140,7 +140,7 @@ def test_sweep_rules_checked_before_ray(tmp_path: Path) -> None:
         run_sweep(space_of(tmp_path, COND, "data.val_shots=0"))
     with pytest.raises(ConfigError, match="tune.space: empty"):
         run_sweep(tiny(tmp_path))
-    with pytest.raises(ConfigError, match="tune.scheduler='pbt'"):
+    with pytest.raises(ConfigError, match="tune.scheduler: unknown scheduler 'pbt'"):
         run_sweep(space_of(tmp_path, COND, "tune.scheduler=pbt"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, simulated_cluster
-from trainers.config import load_config
+from trainers.recipe import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]
 

@@ -10,8 +10,12 @@ def __getattr__(name: str) -> Any:  # keep `import trainers` light: torch loads 
         from trainers import loop
 
         return getattr(loop, name)
-    if name in ("load_config", "RunConfig"):
+    if name == "load_config":
+        from trainers import recipe
+
+        return recipe.load_config
+    if name == "RunConfig":
         from trainers import config
 
-        return getattr(config, name)
+        return config.RunConfig
     raise AttributeError(name)

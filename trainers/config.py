@@ -8,7 +8,6 @@ one-line ``ConfigError`` naming the file/line or override and the field.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -18,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
+from trainers import io
+from trainers.errors import ConfigError, did_you_mean
 
-
-from trainers.errors import ConfigError
-
-__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict"]
+__all__ = ["ConfigError", "RunConfig", "from_dict"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, lo: float | None = None,
@@ -41,10 +38,11 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, lo: float | None = None
 
 @dataclass(kw_only=True)
 class DataConfig:
-    format: Literal["text", "image_folder", "digits", "omniglot_run"] = _f(
-        "text", help="text: TSV/CSV/JSONL files; image_folder: root/<split>/<class>/*.png|jpg; "
-        "digits: scikit-learn's bundled 8x8 digits; omniglot_run: one official one-shot run "
-        "folder (training/classNN.png support, test/ + class_labels.txt queries)")
+    format: str = _f(
+        "text", help="loader (registry in trainers/data.py): text: TSV/CSV/JSONL files; "
+        "image_folder: root/<split>/<class>/*.png|jpg; digits: scikit-learn's bundled 8x8 "
+        "digits; omniglot_run: one official one-shot run folder (training/classNN.png "
+        "support, test/ + class_labels.txt queries)")
     root: str = _f("", help="dataset folder (text/image_folder) holding one file or folder per split",
                    path_field=True)
     train_split: str = _f("train", help="split the few-shot examples are drawn from")
@@ -75,8 +73,6 @@ class DataConfig:
                           help="per-channel normalisation std")
 
     def validate(self) -> None:
-        if self.format != "digits" and not self.root:
-            raise ConfigError(f"data.root: required for data.format={self.format!r}")
         if self.folds == 1:
             raise ConfigError("data.folds: 1 is not a split; use 0 (off) or >= 2")
         if self.folds and self.fold >= self.folds:
@@ -179,8 +175,8 @@ class TrainConfig:
     mode: Literal["max", "min"] = _f("max", help="whether the monitored metric should go up")
     patience: int | None = _f(None, lo=1, help="early stopping: evaluations without improvement")
     min_delta: float = _f(0.0, lo=0.0, help="early stopping: smallest change that counts")
-    engine: Literal["auto", "plain", "ddp", "deepspeed"] = _f(
-        "auto", help="auto: ddp when a process group of >1 ranks exists, else plain")
+    engine: str = _f("auto", help="engine (registry in trainers/engines.py): plain, ddp, "
+                     "deepspeed; auto: ddp when a process group of >1 ranks exists, else plain")
     zero_stage: int = _f(1, lo=0, hi=3, help="DeepSpeed ZeRO stage")
     offload: bool = _f(False, help="DeepSpeed: offload optimizer state to CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
@@ -226,8 +222,9 @@ class ScalingConfig:
 class TuneConfig:
     space: dict[str, Any] = _f(factory=dict, help="search space: dotted field -> "
                                "choice[...] | uniform[a, b] | loguniform[a, b] | randint[a, b] | grid[...]")
-    search: Literal["random", "grid", "optuna"] = _f("random", help="search algorithm")
-    scheduler: Literal["none", "asha", "pbt"] = _f("asha", help="trial scheduler")
+    search: str = _f("random", help="search algorithm (registry in cluster/tune.py): random, "
+                     "grid, optuna")
+    scheduler: str = _f("asha", help="trial scheduler (registry in cluster/tune.py): none, asha")
     num_samples: int = _f(8, lo=1, help="trials (per grid point for grid search)")
     metric: str = _f("val/accuracy", help="metric the search optimises")
     mode: Literal["max", "min"] = _f("max", help="optimisation direction")
@@ -271,18 +268,28 @@ class RunConfig:
         return Path(self.train.output_dir) / (self.train.run_name or f"{self.name}-{self.digest()}")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved config (tmp + rename, so a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        """Write the resolved config (atomically: a crash never leaves half a file)."""
+        io.write_yaml(path, self.to_dict())
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose output folder and file fields (and an ``hf:<folder>`` model) are
+        absolute: Ray workers and Tune trials run in other working folders."""
+        changes: dict[str, Any] = {"train.output_dir": os.path.abspath(self.train.output_dir)}
+        for section in ("data", "model"):
+            part = getattr(self, section)
+            for f in dataclasses.fields(part):
+                value = getattr(part, f.name)
+                if f.metadata.get("path") and value and "://" not in value:
+                    changes[f"{section}.{f.name}"] = os.path.abspath(value)
+        if self.model.name.startswith("hf:"):
+            changes["model.name"] = "hf:" + os.path.abspath(self.model.name[3:])
+        return self.replace(changes)
 
     def replace(self, overrides: dict[str, Any], source: str = "override") -> "RunConfig":
         """A validated copy with dotted-key overrides applied (used by Tune trials)."""
         raw = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(raw, key, value, source, RunConfig)
+            set_dotted(raw, key, value, source, RunConfig)
         return from_dict(raw, source=source)
 
 
@@ -328,10 +335,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         allowed = get_args(tp)
         if value in allowed:
             return value
-        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ConfigError(f"{where}: {value!r} is not allowed (allowed: "
-                          f"{', '.join(map(str, allowed))}){extra}")
+                          f"{', '.join(map(str, allowed))}){did_you_mean(value, allowed)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -369,24 +374,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, where)
+        return build_dataclass(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def unknown_key(where: str, key: str, names: list[str]) -> str:
+    return (f"{where}: unknown key (valid: {', '.join(names)})"
+            f"{did_you_mean(key, names, cutoff=0.5)}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _field_types(cls)
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{where}: unknown key (valid: {', '.join(fields)}){extra}")
+            raise ConfigError(unknown_key(where, key, list(fields)))
         v = _coerce(value, hints[key], where)
         meta = fields[key].metadata
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -414,7 +422,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: the recipe must be a mapping of sections, got "
                           f"{type(raw).__name__}")
     try:
-        cfg = _build(RunConfig, raw, "")
+        cfg = build_dataclass(RunConfig, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except TypeError as e:  # e.g. a key that is not a string
@@ -422,77 +430,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
-# YAML with line numbers, and dotted overrides
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key (for error messages)."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping = {}
-    lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (list, dict)):
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a name, "
-                              f"got {key!r}")
-        if key in mapping:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        lines[key] = key_node.start_mark.line + 1
-    return _Lines(mapping, lines)
-
-
-class _Lines(dict):
-    """A dict that knows the YAML line of each of its keys."""
-
-    def __init__(self, data: dict, lines: dict):
-        super().__init__(data)
-        self.lines = lines
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_of(raw: Any, dotted: str) -> int | None:
-    line = None
-    node = raw
-    for part in dotted.split("."):
-        part = part.split("[")[0]
-        if not isinstance(node, _Lines) or part not in node:
-            break
-        line = node.lines.get(part)
-        node = node[part]
-    return line
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_LineLoader)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'optim.lr=3e-4' -> ('optim.lr', 0.0003). Values are read as YAML scalars/lists."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-4")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r}: empty key")
-    value = _plain(parse_yaml(text, f"override {item!r}")) if text.strip() else ""
-    return key, value
-
-
-def _set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None:
+def set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None:
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts):
@@ -501,10 +439,7 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None
             names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
                 where = ".".join(parts[: i + 1])
-                hint = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
-                extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(f"{source}: {where}: unknown key (valid: {', '.join(names)})"
-                                  f"{extra}")
+                raise ConfigError(f"{source}: {unknown_key(where, part, names)}")
             tp = _field_types(cls)[part]
             cls = tp if dataclasses.is_dataclass(tp) else None
         if last:
@@ -515,101 +450,3 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None
                 child = {}
                 node[part] = child
             node = child
-
-
-def read_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """The recipe's top-level mapping (keys remember their YAML lines) and its name for errors."""
-    p = Path(path)
-    source = str(p)
-    if not p.is_file():
-        raise ConfigError(f"recipe {p}: file not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    raw = parse_yaml(text, source) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the recipe must be a mapping of sections "
-                          f"(data, model, optim, ...), got {type(raw).__name__}")
-    raw.setdefault("name", p.stem)
-    return raw, source
-
-
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None, *,
-                 source: str = "config", line_sources: list[Any] = (),
-                 check_paths: bool = True, skip_paths: tuple[str, ...] = ()) -> RunConfig:
-    """Apply ``key=value`` overrides to plain recipe data, validate, return a RunConfig.
-
-    ``line_sources`` are the YAML mappings the data came from, most specific first, so an
-    error names the line; ``skip_paths`` are path fields not checked (outputs of earlier stages).
-    """
-    raw = _plain(raw)
-    given: dict[str, str] = {}
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value, f"override {item!r}", RunConfig)
-        given[key] = item
-    try:
-        cfg = _build(RunConfig, raw, "")
-    except ConfigError as e:
-        msg = str(e)
-        dotted = msg.split(":", 1)[0]
-        if dotted in given:  # the value came from the command line, not the file
-            raise ConfigError(f"override {given[dotted]!r}: {msg}") from None
-        line = next((n for n in (_line_of(src, dotted) for src in line_sources) if n), None)
-        where = f"{source} line {line}" if line else source
-        raise ConfigError(f"{where}: {msg}") from None
-    if check_paths:
-        check_files(cfg, skip=skip_paths)
-    check_names(cfg)
-    return cfg
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                *, check_paths: bool = True) -> RunConfig:
-    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
-    if path is None:
-        return build_config({}, overrides, check_paths=check_paths)
-    raw, source = read_recipe(path)
-    if "stages" in raw:
-        names = ", ".join(map(str, raw["stages"] or []))
-        raise ConfigError(f"{source}: a staged recipe (stages: {names}); run it with "
-                          f"`launch.py train {path}`")
-    return build_config(raw, overrides, source=source, line_sources=[raw],
-                        check_paths=check_paths)
-
-
-def check_names(cfg: RunConfig) -> None:
-    """Registry names (optimizer, model, strategy, augmentation policy and its params) exist."""
-    from trainers.augmenting import build_batch_augment
-    from trainers.models import model_factory
-    from trainers.optim import optimizer_spec
-    from trainers.strategies import create_strategy
-
-    optimizer_spec(cfg.optim.name)
-    model_factory(cfg.model.name)
-    create_strategy(cfg.model.strategy, cfg.model.strategy_params)
-    build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
-
-
-def check_files(cfg: RunConfig, skip: tuple[str, ...] = ()) -> None:
-    """Fail early on files named in the config that do not exist."""
-    for section in (cfg.data, cfg.model):
-        name = type(section).__name__.replace("Config", "").lower()
-        for f in dataclasses.fields(section):
-            if not f.metadata.get("path") or f"{name}.{f.name}" in skip:
-                continue
-            value = getattr(section, f.name)
-            if not value:
-                continue
-            if not Path(value).exists():
-                raise ConfigError(f"{name}.{f.name}: {value!r} does not exist "
-                                  f"(paths are relative to the current folder {os.getcwd()})")

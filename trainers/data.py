@@ -19,8 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from trainers import io
 from trainers.config import DataConfig
-from trainers.errors import DataError
+from trainers.errors import ConfigError, DataError
+from trainers.registry import Registry
 
 TEXT_SUFFIXES = (".tsv", ".csv", ".jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -69,14 +71,22 @@ class FewShotData:
 # Loaders (registry keyed by DataConfig.format)
 
 Loader = Callable[[DataConfig], tuple[str, list[str], dict[str, Split]]]
-LOADERS: dict[str, Loader] = {}
+LOADERS: Registry[Loader] = Registry("data format", "data.format")
+
+
+BUNDLED = {"digits"}  # formats whose data ships with a package: no data.root
 
 
 def register_loader(name: str) -> Callable[[Loader], Loader]:
-    def deco(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-    return deco
+    return LOADERS.register(name)
+
+
+def check_data(cfg: DataConfig) -> Loader:
+    """The loader of ``data.format``; a ConfigError when it is unknown or lacks its root."""
+    loader = LOADERS.get(cfg.format)
+    if cfg.format not in BUNDLED and not cfg.root:
+        raise ConfigError(f"data.root: required for data.format={cfg.format!r}")
+    return loader
 
 
 def _split_file(root: Path, split: str) -> Path | None:
@@ -361,11 +371,10 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
     With ``with_test=False`` the test split is never read, so whatever trains or selects on
     the result cannot see test labels.
     """
-    if cfg.format not in LOADERS:
-        raise DataError(f"data.format={cfg.format!r}: unknown (allowed: {', '.join(LOADERS)})")
+    loader = check_data(cfg)
     if not with_test and cfg.test_split:
         cfg = dataclasses.replace(cfg, test_split=None)
-    modality, classes, splits = LOADERS[cfg.format](cfg)
+    modality, classes, splits = loader(cfg)
     if cfg.invert and modality == "image":
         splits = {k: Split(1.0 - s.inputs, s.labels, s.sources) for k, s in splits.items()}
     pool = splits[cfg.train_split]
@@ -413,8 +422,6 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
 
 
 def save_label_map(data: FewShotData, run_dir: Path) -> None:
-    path = Path(run_dir) / "labels.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"classes": data.classes, "label_to_index": data.label_map(),
-                               "train_sources": data.train.sources}, indent=1))
-    tmp.replace(path)
+    io.write_json(Path(run_dir) / "labels.json",
+                  {"classes": data.classes, "label_to_index": data.label_map(),
+                   "train_sources": data.train.sources})

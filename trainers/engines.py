@@ -1,6 +1,8 @@
 """Engines: how one optimizer step happens (single process, DDP, DeepSpeed ZeRO 0-3).
 
-The loop talks to every engine the same way::
+One interface (``Engine``), three implementations (``PlainEngine``, ``DDPEngine``,
+``DeepSpeedEngine``), chosen by ``train.engine`` through the ``ENGINES`` registry. The loop
+talks to every engine the same way::
 
     logits = engine.forward(**inputs)
     engine.backward(loss)          # once per micro batch
@@ -14,6 +16,7 @@ Train) creates the process group; engines only read it.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import hashlib
 import json
 import os
@@ -27,6 +30,7 @@ from torch import nn
 from trainers.config import RunConfig
 from trainers.errors import CheckpointError, ConfigError
 from trainers.optim import create_optimizer, create_scheduler
+from trainers.registry import Registry
 
 
 def world() -> tuple[int, int]:
@@ -56,7 +60,51 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-class Engine:
+class Engine(ABC):
+    """The interface: how fit and the strategies' stages run a model and step its optimizer.
+
+    ``module`` is the bare model (for weights and freezing), ``device`` where batches go.
+    """
+
+    name: str
+    module: nn.Module
+    device: torch.device
+
+    @abstractmethod
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The (wrapped) model's output for one batch."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro batch's loss."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """End a micro batch; True when it completed an optimizer step."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def train(self, mode: bool = True) -> None: ...
+
+    @abstractmethod
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full model weights (on rank 0 at least), for export and evaluation."""
+
+    @abstractmethod
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def save(self, folder: Path, rank: int) -> None:
+        """Write this rank's part of a checkpoint into ``folder`` (model.pt from rank 0)."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None:
+        """Restore weights and optimizer state from a checkpoint folder."""
+
+
+class PlainEngine(Engine):
     """Single process: plain PyTorch with gradient accumulation and optional autocast."""
 
     name = "plain"
@@ -116,7 +164,6 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The full model weights (on rank 0 at least), for export and evaluation."""
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -165,7 +212,7 @@ def _load(path: Path) -> Any:
                               ) from None
 
 
-class DDPEngine(Engine):
+class DDPEngine(PlainEngine):
     """torch DistributedDataParallel over the existing process group."""
 
     name = "ddp"
@@ -220,6 +267,9 @@ class DeepSpeedEngine(Engine):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.model(**inputs)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
@@ -303,14 +353,18 @@ def check_batch_sizes(ds: dict[str, Any], world_size: int) -> None:
             f"{micro * accum * world_size}; set train.batch_size / train.grad_accum")
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {
-    "plain": Engine, "ddp": DDPEngine, "deepspeed": DeepSpeedEngine,
-}
+def _auto(cfg: RunConfig, module: nn.Module, device: torch.device, total_steps: int) -> Engine:
+    """DDP when a process group of more than one rank exists, else plain."""
+    return (DDPEngine if world()[1] > 1 else PlainEngine)(cfg, module, device, total_steps)
+
+
+ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "train.engine")
+ENGINES.register("auto", _auto)
+ENGINES.register("plain", PlainEngine)
+ENGINES.register("ddp", DDPEngine)
+ENGINES.register("deepspeed", DeepSpeedEngine)
 
 
 def create_engine(cfg: RunConfig, module: nn.Module, device: torch.device,
                   total_steps: int) -> Engine:
-    name = cfg.train.engine
-    if name == "auto":
-        name = "ddp" if world()[1] > 1 else "plain"
-    return ENGINES[name](cfg, module, device, total_steps)
+    return ENGINES.get(cfg.train.engine)(cfg, module, device, total_steps)

@@ -23,3 +23,15 @@ class CheckpointError(SmallshotError):
 
 class ClusterError(SmallshotError):
     """The Ray cluster cannot run what was asked (resources, address, authentication)."""
+
+
+class TrainingError(SmallshotError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+def did_you_mean(value: object, names: list[str] | tuple[str, ...], cutoff: float = 0.6) -> str:
+    """'; did you mean 'adam'?' when ``value`` is close to one of ``names``, else ''."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(value), [str(n) for n in names], n=1, cutoff=cutoff)
+    return f"; did you mean {hint[0]!r}?" if hint else ""

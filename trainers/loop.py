@@ -1,19 +1,22 @@
 """``fit(cfg)``: the one training loop, used as is by local runs, Ray Train workers and Tune.
 
+Read top to bottom, ``fit`` is four steps: ``prepare`` (data, model, strategy, engine),
+``restore`` (the ``Progress`` of a checkpoint, if resuming), ``train`` (epochs of
+``train_step`` with evaluations and checkpoints in between) and ``finish`` (test metrics with
+the best weights, the final checkpoint, the hooks).
+
 Reproducibility by construction: the shuffle of epoch e comes from (seed, e) and the RNG of
 step s is reseeded from (seed, s, rank), so a run resumed from any checkpoint takes exactly the
-steps an uninterrupted run would have taken. Checkpoints are folders written under a temporary
-name and renamed into place, so a crash never leaves a half-written checkpoint behind.
+steps an uninterrupted run would have taken (trainers/batches.py, trainers/steps.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import time
+import dataclasses
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,19 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainers import augmenting
+from trainers import augmenting, io
+from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
+from trainers.checkpoints import (Checkpoints, barrier, ensure_space, load_weights,
+                                  prepare_run_dir, write_final)
 from trainers.config import RunConfig
 from trainers.data import FewShotData, Split, load_dataset, save_label_map
-from trainers.engines import create_engine, pick_device, world
-from trainers.errors import CheckpointError, SmallshotError
+from trainers.engines import Engine, create_engine, pick_device, world
+from trainers.errors import SmallshotError, TrainingError  # noqa: F401  (fit raises it)
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
-from trainers.strategies import create_strategy
-
-
-class TrainingError(SmallshotError):
-    """Training cannot go on (e.g. the loss became NaN or infinite)."""
+from trainers.steps import train_step
+from trainers.strategies import Strategy, create_strategy
 
 
 @dataclass
@@ -64,78 +67,6 @@ def print0(*args: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Batches
-
-
-class Batcher:
-    """Turns examples into model inputs on the device: tokenises text, normalises images."""
-
-    def __init__(self, cfg: RunConfig, built: BuiltModel, device: torch.device):
-        self.cfg = cfg
-        self.tokenizer = built.tokenizer
-        self.device = device
-        d = cfg.data
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
-
-    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.cfg.data.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device),
-                "attention_mask": enc["attention_mask"].to(self.device)}
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def inputs(self, split: Split, idx: list[int]) -> dict[str, torch.Tensor]:
-        if isinstance(split.inputs, torch.Tensor):
-            x = split.inputs[torch.as_tensor(idx)].to(self.device, non_blocking=True)
-            return {"pixels": self.images(x)}
-        return self.texts([split.inputs[i] for i in idx])
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """The example order of one epoch for one rank: a shared shuffle, strided over ranks."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if world_size > 1:  # pad so every rank takes the same number of steps
-        order += order[: (-len(order)) % world_size]
-        order = order[rank::world_size]
-    return order
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 2_147_483 + step * 7919 + rank * 104_729) % (2 ** 63)
-
-
-def seed_step(seed: int, device: torch.device) -> None:
-    # torch.manual_seed also walks every lazily seeded accelerator (~250 µs a call on a CUDA
-    # build without a GPU); seeding only the generators this step uses costs ~5 µs
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-
-
-def make_train_batch(split: Split, idx: list[int], batcher: Batcher, augment, num_classes: int,
-                     seed: int, device: torch.device, targets: torch.Tensor | None = None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Inputs and targets of one training micro batch, augmented online when asked."""
-    targets = (split.labels[torch.as_tensor(idx)] if targets is None else targets).to(device)
-    if augment is None:
-        return batcher.inputs(split, idx), targets
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if isinstance(split.inputs, torch.Tensor):
-        x = augment.images(split.inputs[torch.as_tensor(idx)].to(device), gen)
-        x, targets = augment.mix(x, targets, num_classes, gen)
-        return {"pixels": batcher.images(x)}, targets
-    texts = augment.texts([split.inputs[i] for i in idx], random.Random(seed))
-    inputs = batcher.texts(texts)
-    inputs["input_ids"] = augment.tokens(inputs["input_ids"], inputs["attention_mask"], gen,
-                                         batcher.tokenizer.mask_token_id)
-    return inputs, targets
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -159,110 +90,7 @@ def evaluate(engine, batcher: Batcher, split: Split, num_classes: int, batch_siz
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class Checkpoints:
-    """checkpoints/step-NNNNNNN folders plus `latest`/`best` pointer files; keeps last + best."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.root = run_dir / "checkpoints"
-        self.rank = rank
-
-    def pointer(self, name: str) -> Path | None:
-        p = self.root / name
-        if not p.is_file():
-            return None
-        target = self.root / p.read_text().strip()
-        return target if target.is_dir() else None
-
-    def save(self, engine, progress: dict[str, Any], best: bool,
-             barrier: Callable[[], None]) -> Path:
-        name = f"step-{progress['global_step']:07d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        tmp.mkdir(parents=True, exist_ok=True)  # every node, shared filesystem or not
-        engine.save(tmp, self.rank)
-        barrier()
-        if self.rank == 0:
-            _write_json(tmp / "progress.json", progress)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            _write_json_text(self.root / "latest", name)
-            if best:
-                _write_json_text(self.root / "best", name)
-            self._prune({name, *(p.name for p in (self.pointer("best"),) if p)})
-        barrier()
-        if self.rank != 0 and tmp.is_dir():  # a node without rank 0 (no shared filesystem)
-            try:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            except OSError:
-                pass  # another rank of this node renamed it first
-        barrier()
-        return final
-
-    def _prune(self, keep: set[str]) -> None:
-        for p in self.root.glob("step-*"):
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
-    """Create the run folder (checking it is writable) and save the resolved config."""
-    run_dir = cfg.run_dir
-    if rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
-        except OSError as e:
-            raise SmallshotError(f"train.output_dir={cfg.train.output_dir!r}: cannot write run "
-                                 f"folder {run_dir} ({e.strerror or e})") from None
-        if not cfg.train.resume:
-            for stale in ("checkpoints", "metrics.jsonl", "result.json"):
-                p = run_dir / stale
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        cfg.save(run_dir / "config.yaml")
-    return run_dir
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
-
-
-def ensure_space(run_dir: Path, module: torch.nn.Module, cfg: RunConfig) -> None:
-    """Refuse to start when the disk cannot hold the checkpoints this run will write."""
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    # last + best + final, each weights plus up to two optimizer moments, plus slack for a rename
-    needed = int(weights * 3 * 3 * 1.1)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise SmallshotError(
-            f"train.output_dir={cfg.train.output_dir!r}: {free / 2**20:.1f} MiB free on that disk, "
-            f"checkpoints of this model need about {needed / 2**20:.1f} MiB; free space, choose "
-            f"another train.output_dir or set train.save_checkpoints=false")
 
 
 def resume_source(cfg: RunConfig, hooks: Hooks) -> Path | None:
@@ -284,15 +112,104 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: saved as progress.json in every checkpoint, read back on resume."""
+
+    epoch: int = 0  # epochs completed
+    micro_in_epoch: int = 0  # micro batches done in the current epoch
+    global_step: int = 0  # optimizer steps
+    best: float | None = None  # best value of train.monitor so far
+    bad_evals: int = 0  # evaluations since it last improved (early stopping)
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation row
+
+    @classmethod
+    def load(cls, folder: Path) -> Progress:
+        raw = io.read_json(folder / "progress.json")
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def observe(self, value: float | None, cfg: RunConfig) -> bool:
+        """Record the monitored value of an evaluation; True when it improved on the best."""
+        t = cfg.train
+        improved = False
+        if value is not None:
+            sign = 1.0 if t.mode == "max" else -1.0
+            improved = self.best is None or sign * (value - self.best) > t.min_delta
+            if improved:
+                self.best, self.bad_evals = value, 0
+            else:
+                self.bad_evals += 1
+        self.stopped_early = bool(t.patience and self.bad_evals >= t.patience)
+        return improved
+
+
+@dataclass
+class StepPlan:
+    """How the training set is cut into micro batches and optimizer steps."""
+
+    micro_batch: int
+    grad_accum: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig, examples: int, world_size: int,
+           strategy: Strategy | None = None) -> StepPlan:
+        t = cfg.train
+        full_batch = optimizer_spec(cfg.optim.name).full_batch  # gd: the whole set per step
+        per_rank = math.ceil(examples / world_size)
+        micro = per_rank if full_batch else min(t.batch_size, per_rank)
+        accum = 1 if full_batch else t.grad_accum
+        per_epoch = strategy.micro_batches_per_epoch(examples, micro, world_size) if strategy else None
+        steps_per_epoch = math.ceil((per_epoch or math.ceil(per_rank / micro)) / accum)
+        return cls(micro, accum, t.max_steps or steps_per_epoch * t.epochs)
+
+
+@dataclass
+class Run:
+    """Everything ``prepare`` builds for the steps after it."""
+
+    cfg: RunConfig
+    hooks: Hooks
+    rank: int
+    world_size: int
+    run_dir: Path
+    data: FewShotData
+    train_split: Split
+    augment: Any  # augmenting.BatchAugment | None
+    built: BuiltModel
+    device: torch.device
+    plan: StepPlan
+    engine: Engine
+    batcher: Batcher
+    ckpts: Checkpoints
+    strategy: Strategy
+    best_ckpt: Path | None = None
+    bar: Any = None  # tqdm
+    started: float = field(default_factory=time.perf_counter)
+    window_loss: float = 0.0  # train loss summed since the last evaluation
+    window_n: int = 0
+
+
 def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = None) -> RunResult:
     """Train ``cfg`` and return the final metrics; the only training loop in smallshot."""
-    hooks = hooks or Hooks()
+    run = prepare(cfg, hooks or Hooks(), data)
+    progress = restore(run)
+    train(run, progress)
+    return finish(run, progress)
+
+
+def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
+    """Run folder, data, model, augmentation, the strategy's preparation, the engine."""
     rank, world_size = world()
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run_dir = prepare_run_dir(cfg, rank)
-    _barrier()
+    barrier()
     data = data or load_dataset(cfg.data, with_test=t.test)
     if cfg.augment.rotated_classes:
         data = augmenting.add_rotated_classes(data)
@@ -304,213 +221,175 @@ def fit(cfg: RunConfig, hooks: Hooks | None = None, data: FewShotData | None = N
     built = create_model(cfg.model, data.num_classes,
                          in_channels=cfg.data.channels if data.modality == "image" else 3)
     if built.provenance is not None and rank == 0:
-        _write_json(run_dir / "init_from.json", built.provenance)
+        io.write_json(run_dir / "init_from.json", built.provenance)
     if built.modality != data.modality:
         raise SmallshotError(f"model.name={cfg.model.name!r} takes {built.modality} input but "
                              f"data.format={cfg.data.format!r} gives {data.modality}")
     if t.save_checkpoints and rank == 0:
         ensure_space(run_dir, built.module, cfg)
-    train_split = data.train
-    augment = augmenting.build_batch_augment(cfg.augment, data.modality)
-    if cfg.augment.policy != "none" and cfg.augment.mode == "materialised":
-        inputs, labels, _ = augmenting.materialise(train_split.inputs, train_split.labels,
-                                                   cfg.augment, data.modality, seed=cfg.data.seed)
-        train_split = Split(inputs, labels)
-        augment = augmenting.build_batch_augment(cfg.augment.__class__(
-            policy="none", mixup_alpha=cfg.augment.mixup_alpha,
-            cutmix_alpha=cfg.augment.cutmix_alpha), data.modality)
+    train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     strategy.setup(built)
     if resume_source(cfg, hooks) is None:  # a resumed run already carries the prepared weights
         strategy.prepare(cfg, built, train_split, device)
+    plan = StepPlan.of(cfg, len(train_split), world_size, strategy)
+    if plan.grad_accum != t.grad_accum:
+        cfg = cfg.replace({"train.grad_accum": plan.grad_accum})
+    engine = create_engine(cfg, built.module, device, plan.total_steps)
+    return Run(cfg, hooks, rank, world_size, run_dir, data, train_split, augment, built, device,
+               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), strategy)
 
-    full_batch = optimizer_spec(cfg.optim.name).full_batch
-    per_rank = math.ceil(len(train_split) / world_size)
-    micro_bs = per_rank if full_batch else min(t.batch_size, per_rank)
-    micro_per_epoch = (strategy.micro_batches_per_epoch(len(train_split), micro_bs, world_size)
-                       or math.ceil(per_rank / micro_bs))
-    accum = 1 if full_batch else t.grad_accum
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = t.max_steps or steps_per_epoch * t.epochs
-    if full_batch and t.grad_accum != 1:
-        cfg = cfg.replace({"train.grad_accum": 1})
-    engine = create_engine(cfg, built.module, device, total_steps)
-    batcher = Batcher(cfg, built, device)
-    ckpts = Checkpoints(run_dir, rank)
 
-    progress = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "bad_evals": 0,
-                "history": []}
-    resume_dir = resume_source(cfg, hooks)
-    if resume_dir is not None:
-        if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
-            engine.load_model_state(torch.load(resume_dir / "model.pt", map_location="cpu",
-                                               weights_only=True))
-        else:
-            engine.load(resume_dir)
-        progress = json.loads((resume_dir / "progress.json").read_text())
-        print0(f"resumed from {resume_dir} (epoch {progress['epoch']}, step "
-               f"{progress['global_step']})")
-    history: list[dict[str, Any]] = progress["history"]
-    mode_sign = 1.0 if t.mode == "max" else -1.0
-    metrics_file = run_dir / "metrics.jsonl"
-    stopped_early = progress.get("stopped_early", False)
-    best_ckpt: Path | None = ckpts.pointer("best")
+def augmented_train_split(cfg: RunConfig, data: FewShotData) -> tuple[Split, Any]:
+    """The split fit trains on (D, or D ∪ T(D) when materialised) and the per-batch augment."""
+    a = cfg.augment
+    augment = augmenting.build_batch_augment(a, data.modality)
+    if a.policy == "none" or a.mode != "materialised":
+        return data.train, augment
+    inputs, labels, _ = augmenting.materialise(data.train.inputs, data.train.labels, a,
+                                               data.modality, seed=cfg.data.seed)
+    mixing_only = dataclasses.replace(a, policy="none", params={}, mode="online")
+    return Split(inputs, labels), augmenting.build_batch_augment(mixing_only, data.modality)
 
+
+def restore(run: Run) -> Progress:
+    """The progress of the checkpoint this run continues from (weights loaded), or a fresh one."""
+    run.best_ckpt = run.ckpts.pointer("best")
+    resume_dir = resume_source(run.cfg, run.hooks)
+    if resume_dir is None:
+        return Progress()
+    if (resume_dir / "result.json").is_file():  # a finished run: its final weights only
+        run.engine.load_model_state(load_weights(resume_dir / "model.pt"))
+    else:
+        run.engine.load(resume_dir)
+    progress = Progress.load(resume_dir)
+    print0(f"resumed from {resume_dir} (epoch {progress.epoch}, step {progress.global_step})")
+    return progress
+
+
+def train(run: Run, progress: Progress) -> None:
+    """Epochs of micro steps until the planned steps are done or early stopping says stop."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=progress["global_step"], desc=cfg.name,
-               disable=not t.progress or rank != 0, dynamic_ncols=True, leave=False)
-    t0 = time.perf_counter()
-    window_loss, window_n = 0.0, 0
+    cfg, t, total = run.cfg, run.cfg.train, run.plan.total_steps
+    run.bar = tqdm(total=total, initial=progress.global_step, desc=cfg.name,
+                   disable=not t.progress or run.rank != 0, dynamic_ncols=True, leave=False)
+    if (t.eval_at_start or total == 0) and progress.global_step == 0 and not progress.history:
+        evaluate_and_checkpoint(run, progress, 0.0)  # epochs=0 scores what the strategy prepared
+    run.engine.train(True)
+    while not progress.stopped_early and progress.global_step < total:
+        if train_epoch(run, progress):
+            break
+    run.bar.close()
 
-    def run_evaluation(epoch_float: float) -> bool:
-        """Evaluate, log, checkpoint, report; True when early stopping says stop."""
-        nonlocal best_ckpt, window_loss, window_n
-        if world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
-            sums = torch.tensor([window_loss, float(window_n)], dtype=torch.float64)
-            torch.distributed.all_reduce(sums)
-            window_loss, window_n = float(sums[0]), int(sums[1])
-        row: dict[str, Any] = {"epoch": round(epoch_float, 4), "step": progress["global_step"],
-                               "lr": engine.lr(), "train/loss": window_loss / max(window_n, 1),
-                               "time_s": round(time.perf_counter() - t0, 3)}
-        window_loss, window_n = 0.0, 0
-        if data.val is not None:
-            strategy.before_evaluation(cfg, built, train_split, device)
-            row.update(evaluate(engine, batcher, data.val, data.num_classes, t.eval_batch_size,
-                                "val"))
-        value = row.get(t.monitor)
-        improved = False
-        if value is not None:
-            best = progress["best"]
-            improved = best is None or mode_sign * (value - best) > t.min_delta
-            if improved:
-                progress["best"] = value
-                progress["bad_evals"] = 0
-            else:
-                progress["bad_evals"] += 1
-        stop = bool(t.patience and progress["bad_evals"] >= t.patience)
-        progress["stopped_early"] = stop
-        history.append(row)
-        if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        ckpt = None
-        if t.save_checkpoints:
-            ckpt = ckpts.save(engine, progress, best=improved or value is None, barrier=_barrier)
-            if improved or value is None:
-                best_ckpt = ckpt
-        if hooks.on_evaluation is not None:
-            hooks.on_evaluation(row, ckpt)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
+
+def train_epoch(run: Run, progress: Progress) -> bool:
+    """The rest of the current epoch; True when the run is over (steps done or stopped)."""
+    cfg, t, plan = run.cfg, run.cfg.train, run.plan
+    epoch = progress.epoch
+    if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
+        run.built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
+    micro_batches = run.strategy.batches(cfg, run.train_split, epoch, run.rank, run.world_size)
+    if micro_batches is None:  # the shuffled examples, cut into micro batches
+        order = epoch_order(len(run.train_split), t.seed + cfg.data.seed, epoch, run.rank,
+                            run.world_size)
+        micro_batches = [(order[i:i + plan.micro_batch], None)
+                         for i in range(0, len(order), plan.micro_batch)]
+    n_micro = len(micro_batches)
+    for m in range(progress.micro_in_epoch, n_micro):
+        seed = step_seed(t.seed, epoch * n_micro + m, run.rank)
+        loss, stepped = train_step(
+            run.engine, partial(classification_loss, run, *micro_batches[m], seed), seed=seed,
+            where=f"at epoch {epoch + 1}, step {progress.global_step}", lr=cfg.optim.lr)
+        run.window_loss += loss
+        run.window_n += 1
+        progress.micro_in_epoch = m + 1
+        if stepped:
+            progress.global_step += 1
+            run.bar.update(1)
+        last = m == n_micro - 1
+        if last:
+            progress.epoch, progress.micro_in_epoch = epoch + 1, 0
+        at_end = progress.global_step >= plan.total_steps
+        if ((stepped and t.eval_every and progress.global_step % t.eval_every == 0)
+                or (last and not t.eval_every) or (stepped and at_end)):
+            evaluate_and_checkpoint(run, progress, epoch + (m + 1) / n_micro)
+        if progress.stopped_early or at_end:
+            return True
+    return False
+
+
+def classification_loss(run: Run, idx: list[int], targets: torch.Tensor | None,
+                        seed: int) -> torch.Tensor:
+    """Cross entropy (soft targets under mixup/cutmix) plus the L1/L2 penalty, one micro batch
+    (``targets``: the strategy's, e.g. an episode's query labels; None: the split's labels)."""
+    cfg = run.cfg
+    inputs, targets = make_train_batch(run.train_split, idx, run.batcher, run.augment,
+                                       run.data.num_classes, seed, run.device, targets)
+    with run.strategy.training(run.built):
+        logits = run.engine.forward(**inputs)
+    loss = soft_cross_entropy(logits, targets, cfg.train.label_smoothing)
+    extra = penalty(run.built.module, cfg.optim.l1, cfg.optim.l2)
+    return loss if extra is None else loss + extra
+
+
+def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float) -> None:
+    """Evaluate, log, checkpoint, report; sets ``progress.stopped_early`` when patience ran out."""
+    t = run.cfg.train
+    loss, n = run.window_loss, run.window_n
+    if run.world_size > 1:  # the loss of the whole global batch, not rank 0's share of it
+        sums = torch.tensor([loss, float(n)], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        loss, n = float(sums[0]), int(sums[1])
+    run.window_loss, run.window_n = 0.0, 0
+    row: dict[str, Any] = {"epoch": round(epoch, 4), "step": progress.global_step,
+                           "lr": run.engine.lr(), "train/loss": loss / max(n, 1),
+                           "time_s": round(time.perf_counter() - run.started, 3)}
+    if run.data.val is not None:
+        run.strategy.before_evaluation(run.cfg, run.built, run.train_split, run.device)
+        row.update(evaluate(run.engine, run.batcher, run.data.val, run.data.num_classes,
+                            t.eval_batch_size, "val"))
+    value = row.get(t.monitor)
+    improved = progress.observe(value, run.cfg)
+    progress.history.append(row)
+    if run.rank == 0:
+        with (run.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    ckpt = None
+    if t.save_checkpoints:
+        ckpt = run.ckpts.save(run.engine, progress.to_dict(), best=improved or value is None)
+        if improved or value is None:
+            run.best_ckpt = ckpt
+    if run.hooks.on_evaluation is not None:
+        run.hooks.on_evaluation(row, ckpt)
+    run.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in row.items()
                          if k in ("train/loss", t.monitor)})
-        return stop
 
-    if (t.eval_at_start or total_steps == 0) and progress["global_step"] == 0 and not history:
-        stopped_early = run_evaluation(0.0)  # epochs=0 scores what the strategy prepared
-    engine.train(True)
-    while not stopped_early and progress["global_step"] < total_steps:
-        epoch = progress["epoch"]
-        if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
-            built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
-        micro_batches = strategy.batches(cfg, train_split, epoch, rank, world_size)
-        if micro_batches is None:
-            order = epoch_order(len(train_split), t.seed + cfg.data.seed, epoch, rank, world_size)
-            micro_batches = [(order[i:i + micro_bs], None) for i in range(0, len(order), micro_bs)]
-        n_micro = len(micro_batches)
-        for m in range(progress["micro_in_epoch"], n_micro):
-            step = progress["global_step"]
-            seed = step_seed(t.seed, epoch * n_micro + m, rank)
-            seed_step(seed, device)  # dropout & co. depend on the position only: exact resume
-            idx, targets = micro_batches[m]
-            inputs, targets = make_train_batch(train_split, idx, batcher, augment,
-                                               data.num_classes, seed, device, targets)
-            with strategy.training(built):
-                logits = engine.forward(**inputs)
-            loss = soft_cross_entropy(logits, targets, t.label_smoothing)
-            extra = penalty(built.module, cfg.optim.l1, cfg.optim.l2)
-            if extra is not None:
-                loss = loss + extra
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
-                                    f"{step}: lower optim.lr (now {cfg.optim.lr:g}) or check the "
-                                    f"data; the run stopped before training on it")
-            engine.backward(loss)
-            window_loss += float(loss.detach())
-            window_n += 1
-            stepped = engine.step()
-            progress["micro_in_epoch"] = m + 1
-            if stepped:
-                progress["global_step"] += 1
-                bar.update(1)
-            last = m == n_micro - 1
-            if last:
-                progress["epoch"] = epoch + 1
-                progress["micro_in_epoch"] = 0
-            at_end = progress["global_step"] >= total_steps
-            due = ((stepped and t.eval_every and progress["global_step"] % t.eval_every == 0)
-                   or (last and not t.eval_every) or (stepped and at_end))
-            if due:
-                stopped_early = run_evaluation(epoch + (m + 1) / n_micro)
-            if stopped_early or at_end:
-                break
-    bar.close()
 
-    # final evaluation on the test split, with the best weights when validation chose them
+def finish(run: Run, progress: Progress) -> RunResult:
+    """Test metrics with the best weights (when validation chose them), the final checkpoint,
+    result.json and the on_finish hook."""
+    t, data, best_ckpt = run.cfg.train, run.data, run.best_ckpt
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
-        state = torch.load(best_ckpt / "model.pt", map_location="cpu", weights_only=True)
-        engine.load_model_state(state)
-    strategy.before_evaluation(cfg, built, train_split, device)  # e.g. prototypes of the end
-    if history:
-        final.update({k: v for k, v in history[-1].items() if k.startswith("train/")})
-        if progress["best"] is not None:
-            final[f"best_{t.monitor}"] = progress["best"]
+        run.engine.load_model_state(load_weights(best_ckpt / "model.pt"))
+    run.strategy.before_evaluation(run.cfg, run.built, run.train_split, run.device)
+    if progress.history:
+        final.update({k: v for k, v in progress.history[-1].items() if k.startswith("train/")})
+        if progress.best is not None:
+            final[f"best_{t.monitor}"] = progress.best
     if data.test is not None and t.test:
-        final.update(evaluate(engine, batcher, data.test, data.num_classes, t.eval_batch_size,
-                              "test"))
-    final["epochs"] = progress["epoch"]
-    final["steps"] = progress["global_step"]
-    summary = {"metrics": final, "stopped_early": stopped_early,
+        final.update(evaluate(run.engine, run.batcher, data.test, data.num_classes,
+                              t.eval_batch_size, "test"))
+    final["epochs"] = progress.epoch
+    final["steps"] = progress.global_step
+    summary = {"metrics": final, "stopped_early": progress.stopped_early,
                "best_checkpoint": str(best_ckpt) if best_ckpt else None}
-    final_dir = write_final(run_dir, engine, progress, summary, rank) if t.save_checkpoints else None
-    if rank == 0:
-        _write_json(run_dir / "result.json", summary)
-    if hooks.on_finish is not None:
-        hooks.on_finish(final, final_dir)
-    return RunResult(run_dir, final, history, progress["epoch"], progress["global_step"],
-                     best_ckpt, stopped_early)
-
-
-def write_final(run_dir: Path, engine, progress: dict[str, Any], summary: dict[str, Any],
-                rank: int) -> Path:
-    """checkpoints/final: the weights the test metrics came from, a plain model.pt for export."""
-    final_dir = run_dir / "checkpoints" / "final"
-    tmp = run_dir / "checkpoints" / ".tmp-final"
-    state = engine.model_state()  # collective under ZeRO-3: every rank takes part
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "model.pt")
-        _write_json(tmp / "progress.json", progress)
-        _write_json(tmp / "result.json", summary)
-        shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
-    _barrier()
-    return final_dir
-
-
-def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> BuiltModel:
-    """A plain model with a checkpoint's weights (for evaluation or export)."""
-    built = create_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}),
-                         num_classes)
-    path = Path(ckpt) / "model.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        built.module.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit model.name={cfg.model.name!r} "
-                              f"({str(e).splitlines()[0][:160]})") from None
-    return built
+    final_dir = (write_final(run.run_dir, run.engine, progress.to_dict(), summary, run.rank)
+                 if t.save_checkpoints else None)
+    if run.rank == 0:
+        io.write_json(run.run_dir / "result.json", summary)
+    if run.hooks.on_finish is not None:
+        run.hooks.on_finish(final, final_dir)
+    return RunResult(run.run_dir, final, progress.history, progress.epoch, progress.global_step,
+                     best_ckpt, progress.stopped_early)

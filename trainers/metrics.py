@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 
@@ -51,3 +52,30 @@ def classification_metrics(y_true, y_pred, num_classes: int,
         out.update(precision_per_class=precision.tolist(), recall_per_class=recall.tolist(),
                    f1_per_class=f1.tolist(), confusion=cm.tolist())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries over repeats (seeds, folds) and the rows reported to Ray
+
+STD_KIND = "sample std (n-1)"  # what every "mean ± std" in smallshot's output means
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1; 0 for a single value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def numeric(row: dict) -> dict[str, float]:
+    """The numbers of a metrics row (what Ray's report() takes)."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def final_row(metrics: dict, monitor: str) -> dict[str, float]:
+    """The last report of a run: its final metrics, with ``monitor`` set to the best value
+    seen, so Tune and Train rank the run by its best (kept) checkpoint, not its last."""
+    row = numeric(metrics)
+    best = metrics.get(f"best_{monitor}")
+    if best is not None:
+        row[monitor] = best
+    return row

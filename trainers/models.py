@@ -18,6 +18,7 @@ from torch import nn
 
 from trainers.config import ModelConfig
 from trainers.errors import CheckpointError, ConfigError
+from trainers.registry import Registry
 
 
 @dataclass
@@ -38,14 +39,12 @@ class BuiltModel:
 
 
 Factory = Callable[[ModelConfig, int, str, int], BuiltModel]  # cfg, classes, arg, in_channels
-MODELS: dict[str, Factory] = {}
+# keyed by the prefix of model.name; "prefix:argument" passes the argument to the factory
+MODELS: Registry[Factory] = Registry("model", "model.name")
 
 
-def register_model(prefix: str) -> Callable[[Factory], Factory]:
-    def deco(fn: Factory) -> Factory:
-        MODELS[prefix] = fn
-        return fn
-    return deco
+def register_model(prefix: str, usage: str | None = None) -> Callable[[Factory], Factory]:
+    return MODELS.register(prefix, usage=usage)
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -147,7 +146,7 @@ def _minilm(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> B
     return _hf_model(minilm_path(), cfg, num_classes)
 
 
-@register_model("hf")
+@register_model("hf", usage="hf:<folder>")
 def _hf(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     folder = Path(arg)
     if not folder.is_dir():
@@ -258,7 +257,7 @@ class _TorchvisionWrapper(nn.Module):
         return self.net(pixels)
 
 
-@register_model("torchvision")
+@register_model("torchvision", usage="torchvision:resnet18|resnet34|resnet50")
 def _torchvision(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     import torchvision
 
@@ -309,7 +308,7 @@ class Conv4(nn.Module):
         return self.linear(self.features(pixels))
 
 
-@register_model("conv4")
+@register_model("conv4", usage="conv4[:<width>]")
 def _conv4(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     if arg and not arg.isdigit():
         raise ConfigError(f"model.name=conv4:{arg}: the argument is the width, e.g. conv4:64")
@@ -331,7 +330,7 @@ class MLP(nn.Module):
         return self.head(self.body(pixels))
 
 
-@register_model("mlp")
+@register_model("mlp", usage="mlp[:<inputs>]")
 def _mlp(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     if arg and not arg.isdigit():
         raise ConfigError(f"model.name=mlp:{arg}: the argument is the input size, e.g. mlp:64")
@@ -342,15 +341,7 @@ def _mlp(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> Buil
 def model_factory(name: str) -> tuple[Factory, str]:
     """The registered factory for ``prefix[:argument]`` and its argument, or a clear error."""
     prefix, _, arg = name.partition(":")
-    if prefix not in MODELS:
-        import difflib
-
-        hint = difflib.get_close_matches(prefix, list(MODELS), n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"model.name={name!r}: unknown model (allowed: minilm, hf:<folder>, "
-                          f"torchvision:resnet18|resnet34|resnet50, cifar_resnet20, "
-                          f"cifar_resnet56, conv4[:<width>], mlp[:<inputs>]){extra}")
-    return MODELS[prefix], arg
+    return MODELS.get(prefix, shown=name), arg
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> BuiltModel:

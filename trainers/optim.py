@@ -21,6 +21,7 @@ from torch import nn
 
 from trainers.config import OptimConfig
 from trainers.errors import ConfigError
+from trainers.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,12 @@ class OptimSpec:
     full_batch: bool = False  # gradient descent uses the whole training set per step
 
 
-OPTIMIZERS: dict[str, OptimSpec] = {}
+OPTIMIZERS: Registry[OptimSpec] = Registry("optimizer", "optim.name")
 
 
 def register_optimizer(name: str, full_batch: bool = False):
     def deco(fn):
-        OPTIMIZERS[name] = OptimSpec(fn, full_batch)
+        OPTIMIZERS.register(name, OptimSpec(fn, full_batch))
         return fn
     return deco
 
@@ -65,14 +66,7 @@ def _adamw(groups: list[dict], c: OptimConfig) -> torch.optim.Optimizer:
 
 
 def optimizer_spec(name: str) -> OptimSpec:
-    if name not in OPTIMIZERS:
-        import difflib
-
-        hint = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"optim.name={name!r}: unknown optimizer (allowed: "
-                          f"{', '.join(OPTIMIZERS)}){extra}")
-    return OPTIMIZERS[name]
+    return OPTIMIZERS.get(name)
 
 
 def decays(name: str, p: torch.Tensor) -> bool:

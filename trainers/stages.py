@@ -19,7 +19,9 @@ import copy
 import os
 from typing import Any
 
-from trainers.config import ConfigError, RunConfig, build_config, read_recipe
+from trainers.config import RunConfig
+from trainers.errors import ConfigError
+from trainers.recipe import build_config, read_recipe
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -17,19 +17,23 @@ probe works for every model in the factory. Everything here is deterministic for
 
 from __future__ import annotations
 
-import inspect
 import random
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.batches import Batcher, epoch_order, step_seed
 from trainers.config import RunConfig
 from trainers.data import Split
+from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
+from trainers.registry import Registry
+from trainers.steps import train_step
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
 PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
@@ -75,38 +79,28 @@ class Strategy:
 
 
 StrategyFactory = Callable[..., Strategy]
-STRATEGIES: dict[str, StrategyFactory] = {}
+# an entry is a Strategy class (its __init__ takes model.strategy_params) or a plain prepare
+# function wrapped as one (no params)
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy", "model.strategy")
 
 
 def register_strategy(name: str) -> Callable[[Callable], Callable]:
-    """Register a ``prepare`` function, or a factory ``(**params) -> Strategy`` (a class)."""
+    """Register a ``prepare`` function, or a ``Strategy`` subclass taking keyword params."""
     def deco(fn: Callable) -> Callable:
         if isinstance(fn, type) and issubclass(fn, Strategy):
-            STRATEGIES[name] = fn
+            STRATEGIES.register(name, fn)
         else:
-            STRATEGIES[name] = lambda: Strategy(fn)
-            STRATEGIES[name].__wrapped__ = fn  # type: ignore[attr-defined]
+            STRATEGIES.register(name, lambda: Strategy(fn))
         return fn
     return deco
 
 
 def create_strategy(name: str, params: dict | None = None) -> Strategy:
     """The strategy ``name`` built with ``params`` (model.strategy_params), checked by name."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"model.strategy={name!r}: unknown (allowed: {', '.join(STRATEGIES)})")
-    factory = STRATEGIES[name]
     params = dict(params or {})
-    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
-    unknown = [k for k in params if k not in allowed]
-    if unknown:
-        import difflib
-
-        hint = difflib.get_close_matches(unknown[0], allowed, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"model.strategy_params.{unknown[0]}: not an option of strategy "
-                          f"{name!r} (allowed: {', '.join(allowed) or 'none'}){extra}")
+    STRATEGIES.check_params(name, params, field="model.strategy_params")
     try:
-        return factory(**params)
+        return STRATEGIES.get(name)(**params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.strategy_params: {e}") from None
 
@@ -200,8 +194,6 @@ def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
 def probe_head(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                feats: torch.Tensor | None = None) -> None:
     """Fit the probe on the head's inputs and copy it into the head."""
-    from trainers.loop import Batcher  # the loop imports this module; import back lazily
-
     if feats is None:
         built.module.to(device)
         feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)
@@ -267,9 +259,6 @@ class PairModel(nn.Module):
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
                       device: torch.device) -> tuple[list[float], torch.Tensor]:
     """Train the body on pairs; the per-step pair losses and the new train embeddings."""
-    from trainers.engines import create_engine, world
-    from trainers.loop import Batcher, epoch_order, step_seed
-
     m = cfg.model
     rank, world_size = world()
     pairs = make_pairs(train.labels.tolist(), m.contrastive_iterations, cfg.data.seed)
@@ -285,20 +274,26 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split,
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
         for step, batch in enumerate(batches):
-            torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-            a = [pairs[k][0] for k in batch]
-            b = [pairs[k][1] for k in batch]
-            target = torch.tensor([pairs[k][2] for k in batch], device=device)
-            loss = engine.forward(target=target, **batch_inputs(batcher, train, a, "a_"),
-                                  **batch_inputs(batcher, train, b, "b_"))
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
+            loss, _ = train_step(engine, partial(pair_batch_loss, engine.forward, batcher, train, pairs,
+                                                 batch, device),
+                                 seed=step_seed(cfg.train.seed, step, rank),
+                                 where=f"in the contrastive stage, step {step}",
+                                 lr=m.contrastive_lr, lr_field="model.contrastive_lr")
+            losses.append(loss)
         engine.train(False)
         feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
                             batcher, train, cfg.train.eval_batch_size)
     built.module.train(True)
     return losses, feats
+
+
+def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
+                    pairs: list[tuple[int, int, float]], batch: list[int],
+                    device: torch.device) -> torch.Tensor:
+    """The pair loss (a PairModel's forward, or an engine's around it) on pairs ``batch``."""
+    target = torch.tensor([pairs[k][2] for k in batch], device=device)
+    return forward(target=target, **batch_inputs(batcher, split, [pairs[k][0] for k in batch], "a_"),
+                **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
 
 
 @register_strategy("contrastive")
@@ -311,21 +306,15 @@ def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.d
 def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
               iterations: int = 1) -> float:
     """Mean pair loss of the current body on freshly drawn pairs (to check the stage helps)."""
-    from trainers.loop import Batcher
-
     batcher = Batcher(cfg, built, device)
     pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed + 1)
     built.module.to(device).eval()
     total = 0.0
     with torch.no_grad(), swapped_head(built, nn.Identity()):
         model = PairModel(built.module)
-        for s in range(0, len(pairs), 64):
-            chunk = pairs[s:s + 64]
-            target = torch.tensor([p[2] for p in chunk], device=device)
-            total += float(model(target=target,
-                                 **batch_inputs(batcher, train, [p[0] for p in chunk], "a_"),
-                                 **batch_inputs(batcher, train, [p[1] for p in chunk], "b_"))
-                           ) * len(chunk)
+        for start in range(0, len(pairs), 64):
+            chunk = list(range(start, min(start + 64, len(pairs))))
+            total += float(pair_batch_loss(model, batcher, train, pairs, chunk, device)) * len(chunk)
     built.module.train(True)
     return total / max(1, len(pairs))
 
@@ -450,8 +439,6 @@ class ProtoNet(Strategy):
 def set_prototypes(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                    metric: str, scale: float) -> None:
     """The head becomes the nearest-prototype classifier of ``train`` (its class means)."""
-    from trainers.loop import Batcher  # the loop imports this module; import back lazily
-
     head = head_module(built)
     built.module.to(device)
     feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)

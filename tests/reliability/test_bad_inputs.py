@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import launch
 from conftest import CONFIGS, need_shared
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 from trainers.errors import ConfigError
 
 TINY = str(CONFIGS / "tiny-digits.yaml")
@@ -92,7 +93,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("override unknown key", ["train", TINY, "optim.lrr=1"], "did you mean 'lr'"),
         ("override bad value", ["train", TINY, "data.shots=-2"], "data.shots"),
         ("unknown optimizer", ["train", TINY, "optim.name=adamm"], "did you mean 'adam'"),
-        ("unknown model", ["train", TINY, "model.name=vit"], "model.name='vit'"),
+        ("unknown model", ["train", TINY, "model.name=vit"], "unknown model 'vit'"),
         ("unknown strategy", ["train", TINY, "model.strategy=magic"], "model.strategy"),
         ("unknown augment policy", ["train", TINY, "augment.policy=warp"], "augment.policy"),
         ("unknown augment param", ["train", TINY, "augment.policy=classic",

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import CONFIGS, need_shared
-from trainers.config import load_config
+from trainers.recipe import load_config
 from trainers.errors import SmallshotError
 from trainers.loop import fit
 

@@ -26,7 +26,8 @@ import pytest
 from conftest import CONFIGS, ROOT, simulated_cluster
 from test_distributed import registered_checkpoints, rows, train_while_killing
 from test_tune import start_sweep_until_a_trial_finishes, trial_states
-from trainers.config import RunConfig, load_config
+from trainers.config import RunConfig
+from trainers.recipe import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]
 

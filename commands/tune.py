@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainers.config import RunConfig, load_config
+from commands.common import add_recipe_args
+
+if TYPE_CHECKING:
+    from trainers.config import RunConfig
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe with a tune section, e.g. "
-                   "configs/sst2-minilm-sweep.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
-                   "tune.num_samples=16 tune.name=try2")
+    add_recipe_args(p, "YAML recipe with a tune section, e.g. configs/sst2-minilm-sweep.yaml",
+                    "dotted key=value overrides, e.g. tune.num_samples=16 tune.name=try2")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep of the same name (finished trials are "
                    "kept, unfinished ones rerun)")
@@ -57,10 +59,11 @@ def _report(sweep_dir: Path, *, final: bool, top: int) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from trainers.errors import ConfigError
+    from trainers.recipe import load_config
+
     cfg = load_config(args.recipe, args.overrides)
     if args.retry_errored and not args.resume:
-        from trainers.errors import ConfigError
-
         raise ConfigError("--retry-errored only applies with --resume")
     return sweep_and_report(cfg, resume=args.resume, overwrite=args.overwrite,
                             retry_errored=args.retry_errored, report=not args.no_report)
