@@ -50,7 +50,7 @@ CIFAR_RECIPE = PROJECT / "configs" / "omniglot-resnet20.yaml"
 CELLS = RESULTS / "omniglot_oneshot_cells"
 ANCHORS = {  # published 20-way one-shot error rates, for context
     "Modified Hausdorff Distance (Omniglot repo demo)": 38.8,
-    "ConvNet, 5-alphabet background set (Lake et al. 2019 progress report)": 23.0,
+    "ConvNet, 5-alphabet background set (as quoted in issue 14)": 23.0,
     "Siamese convnets, 30 background alphabets (Koch et al. 2015)": 8.0,
     "Humans (Lake et al. 2015)": 4.5,
 }
@@ -60,16 +60,16 @@ PRETRAIN = {
     "conv4": [],
     "cifar_resnet20": ["stages.pretrain.model.name=cifar_resnet20",
                        "stages.oneshot.model.name=cifar_resnet20",
-                       "stages.pretrain.model.strategy_params={metric: euclidean, ways: 20, "
-                       "shots: 1, queries: 5, episodes: 50}"],
+                       ("stages.pretrain.model.strategy_params={metric: euclidean, ways: 20, "
+                        "shots: 1, queries: 5, episodes: 50}")],
 }
 FT = ["train.epochs=15", "optim.lr=1.0e-4", "optim.schedule=cosine"]
 VARIANTS = {
     "proto": [],
     "ft": FT,
     "ft-aug": FT + ["augment.policy=classic",
-                    "augment.params={rotation: 10, shift: 0.1, zoom: 0.1, flip: false, "
-                    "fill: zeros}"],
+                    ("augment.params={rotation: 10, shift: 0.1, zoom: 0.1, flip: false, "
+                     "fill: zeros}")],
 }
 CIFAR_FINETUNE = ["model.strategy=lp-ft", "optim.name=adam", "optim.lr=3e-4",
                   "optim.schedule=cosine", "optim.warmup=0.0", "train.batch_size=20",
@@ -124,8 +124,8 @@ def pixels_nn(run: Path) -> float:
 
 
 def cifar_frozen(run: Path, ctx: dict[str, Any]) -> float:
-    from trainers.recipe import load_config
     from trainers.models import create_model
+    from trainers.recipe import load_config
 
     cfg = load_config(CIFAR_RECIPE, [f"train.output_dir={ctx['out']}"])
     support, query, labels = load_run(run, cfg.data.image_size)
@@ -138,9 +138,9 @@ def cifar_frozen(run: Path, ctx: dict[str, Any]) -> float:
 
 
 def cifar_finetuned(run: Path, ctx: dict[str, Any]) -> float:
-    from trainers.recipe import load_config
     from trainers.data import FewShotData, Split
     from trainers.loop import fit
+    from trainers.recipe import load_config
 
     cfg = load_config(CIFAR_RECIPE, [f"train.output_dir={ctx['out']}", "train.progress=false",
                                      "train.save_checkpoints=false", *CIFAR_FINETUNE,

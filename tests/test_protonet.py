@@ -10,12 +10,12 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import CONFIGS, ROOT
-from trainers.recipe import load_config
+
 from trainers.episodes import EpisodeSampler, EpisodeShape, epoch_episodes, rotated_classes
 from trainers.errors import CheckpointError, ConfigError, DataError
 from trainers.loop import fit
+from trainers.recipe import load_config
 from trainers.stages import load_stages
 from trainers.strategies import ProtoNet, create_strategy, set_prototype_head
 

@@ -17,7 +17,6 @@ from trainers.data import Split
 from trainers.models import BuiltModel
 
 
-
 class Batcher:
     """Turns examples into model inputs on the device: tokenises text, normalises images."""
 
