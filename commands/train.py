@@ -33,7 +33,13 @@ def print_result(name: str, metrics: dict, run_dir: Path) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from cluster.run import train
     from trainers.recipe import load_config
+    from trainers.stages import is_staged, load_stages
 
+    if is_staged(args.recipe):  # each stage a run of its own, in order, each resumable
+        for cfg in load_stages(args.recipe, args.overrides):
+            print(f"== stage {cfg.name} (run folder {cfg.run_dir})", flush=True)
+            print_result(cfg.name, train(cfg), cfg.run_dir)
+        return 0
     cfg = load_config(args.recipe, args.overrides)
     print_result(cfg.name, train(cfg), cfg.run_dir)
     return 0

@@ -112,7 +112,7 @@ def test_contrastive_stage_lowers_the_pair_loss_on_digits(tmp_path):
     after = pair_loss(cfg, built, data.train, CPU)
     assert after < 0.8 * before, (before, after)
     assert len(losses) == -(-2 * 10 * len(data.train) // cfg.train.batch_size)
-    assert feats.shape == (len(data.train), cfg.model.params["hidden"])
+    assert feats.shape == (len(data.train), cfg.model.params.get("hidden", 64))  # mlp default
     assert torch.equal(head_module(built).weight, head_before)  # the stage leaves the head be
 
 

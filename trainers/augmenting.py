@@ -18,6 +18,7 @@ from augment import AugmentError, create_augment
 from augment.expand import OnlineAugment, policy_level
 from augment.expand import materialise as expand_materialise
 from trainers.config import AugmentConfig
+from trainers.data import FewShotData, Split
 from trainers.errors import ConfigError
 
 MODALITIES = ("image", "text")
@@ -72,3 +73,22 @@ def materialise(inputs: torch.Tensor | list[str], labels: torch.Tensor, cfg: Aug
         return expand_materialise(inputs, labels, policy, copies=cfg.copies, seed=seed)
     except AugmentError as e:
         raise ConfigError(f"augment.{e}") from None
+
+
+def add_rotated_classes(data: FewShotData) -> FewShotData:
+    """Every split with its images turned by 90/180/270 degrees as three more sets of classes."""
+    from trainers.episodes import rotated_classes
+
+    if data.modality != "image":
+        raise ConfigError("augment.rotated_classes: turns images, but the data is "
+                          f"{data.modality}")
+    classes = data.classes
+
+    def turn(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        x, y, _, src = rotated_classes(split.inputs, split.labels, classes, split.sources)
+        return Split(x, y, src)
+
+    names = rotated_classes(data.train.inputs[:0], data.train.labels[:0], classes)[2]
+    return FewShotData(data.modality, names, turn(data.train), turn(data.val), turn(data.test))

@@ -67,10 +67,10 @@ def seed_step(seed: int, device: torch.device) -> None:
 
 
 def make_train_batch(split: Split, idx: list[int], batcher: Batcher, augment, num_classes: int,
-                     seed: int, device: torch.device) -> tuple[dict[str, torch.Tensor],
-                                                              torch.Tensor]:
+                     seed: int, device: torch.device, targets: torch.Tensor | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Inputs and targets of one training micro batch, augmented online when asked."""
-    targets = split.labels[torch.as_tensor(idx)].to(device)
+    targets = (split.labels[torch.as_tensor(idx)] if targets is None else targets).to(device)
     if augment is None:
         return batcher.inputs(split, idx), targets
     gen = torch.Generator(device=device).manual_seed(seed)

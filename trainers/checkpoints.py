@@ -247,10 +247,11 @@ def load_checkpoint_model(cfg: RunConfig, ckpt: Path, num_classes: int) -> Built
     built it (pretrained files or seed) and the checkpoint goes on top.
     """
     if cfg.model.adapter == "none":  # every weight comes from the file
-        cfg = cfg.replace({"model.pretrained": False})
+        cfg = cfg.replace({"model.pretrained": False, "model.init_from": None})
     else:
         torch.manual_seed(cfg.train.seed)  # a random-init backbone is the run's own
-    built = create_model(cfg.model, num_classes)
+    built = create_model(cfg.model, num_classes,
+                         in_channels=cfg.data.channels if cfg.data.format != "text" else 3)
     path = Path(ckpt) / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no model.pt in this checkpoint folder")

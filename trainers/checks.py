@@ -24,23 +24,23 @@ def check_names(cfg: RunConfig) -> None:
     from trainers.engines import ENGINES
     from trainers.models import model_params
     from trainers.optim import OPTIMIZERS
-    from trainers.strategies import strategy_params
+    from trainers.strategies import build_strategy
 
     check_data(cfg.data)
     OPTIMIZERS.get(cfg.optim.name)
     model_params(cfg.model)
     check_adapter(cfg.model)
-    strategy_params(cfg)
+    build_strategy(cfg)  # params checked against its signature, and its own checks
     ENGINES.get(cfg.train.engine)
     build_batch_augment(cfg.augment, "text" if cfg.data.format == "text" else "image")
 
 
-def check_files(cfg: RunConfig) -> None:
-    """Fail early on files named in the config that do not exist."""
+def check_files(cfg: RunConfig, skip: tuple[str, ...] = ()) -> None:
+    """Fail early on files named in the config that do not exist (``skip``: dotted fields)."""
     for section in (cfg.data, cfg.model):
         name = type(section).__name__.replace("Config", "").lower()
         for f in dataclasses.fields(section):
-            if not f.metadata.get("path"):
+            if not f.metadata.get("path") or f"{name}.{f.name}" in skip:
                 continue
             value = getattr(section, f.name)
             if value and not Path(value).exists():
@@ -63,9 +63,9 @@ def check_path_names(cfg: RunConfig) -> None:
         io.check_name(cfg.data.test_split, "data.test_split", itself=True)
 
 
-def check_run(cfg: RunConfig, *, paths: bool = True) -> None:
+def check_run(cfg: RunConfig, *, paths: bool = True, skip_paths: tuple[str, ...] = ()) -> None:
     """All of the above: what ``load_config`` runs after the types and ranges passed."""
     check_path_names(cfg)
     if paths:
-        check_files(cfg)
+        check_files(cfg, skip_paths)
     check_names(cfg)

@@ -40,7 +40,9 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, lo: float | None = None
 class DataConfig:
     format: str = _f(
         "text", help="loader (registry in trainers/data.py): text: TSV/CSV/JSONL files; "
-        "image_folder: root/<split>/<class>/*.png|jpg; digits: scikit-learn's bundled 8x8 digits")
+        "image_folder: root/<split>/<class>/*.png|jpg; digits: scikit-learn's bundled 8x8 "
+        "digits; omniglot_run: one official one-shot run folder (training/classNN.png "
+        "support, test/ + class_labels.txt queries)")
     root: str = _f("", help="dataset folder (text/image_folder) holding one file or folder per split",
                    path_field=True)
     train_split: str = _f("train", help="split the few-shot examples are drawn from")
@@ -63,6 +65,8 @@ class DataConfig:
     max_length: int = _f(64, lo=8, hi=4096, help="tokenizer max length (text)")
     image_size: int | None = _f(None, lo=8, hi=1024, help="resize images to this square size")
     channels: int = _f(3, lo=1, hi=3, help="image channels after loading (1 or 3)")
+    invert: bool = _f(False, help="images: use 1 - x (dark ink on white becomes bright on "
+                      "black, so zero padding and the zero fill of augmentations are background)")
     mean: list[float] = _f(factory=lambda: [0.485, 0.456, 0.406],
                            help="per-channel normalisation mean")
     std: list[float] = _f(factory=lambda: [0.229, 0.224, 0.225],
@@ -97,6 +101,9 @@ class ModelConfig:
                              path_field=True)
     pretrained: bool = _f(True, help="load pretrained weights (False = random init)")
     strategy: str = _f("full", help="fine-tuning strategy (registry in trainers/strategies.py)")
+    init_from: str | None = _f(None, help="start the backbone from another run: its folder, a "
+                               "checkpoint folder or a model.pt (the head is new); in a staged "
+                               "recipe also the name of an earlier stage", path_field=True)
     pooling: Literal["cls", "mean"] = _f("cls", help="sentence pooling for encoders")
     normalize: bool = _f(False, help="L2-normalise the sentence embedding before the head, as "
                          "sentence-transformers models ending in a Normalize module do")
@@ -159,6 +166,8 @@ class AugmentConfig:
     cutmix_alpha: float = _f(0.0, lo=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
     params: dict[str, Any] = _f(factory=dict, help="policy-specific options, e.g. "
                                 "{rotation: 20, shift: 0.2, flip: true}")
+    rotated_classes: bool = _f(False, help="characters: add the training images turned by 90, "
+                               "180 and 270 degrees as new classes (4x the classes)")
 
 
 @dataclass(kw_only=True)

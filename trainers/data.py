@@ -334,6 +334,36 @@ def load_image_folder(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]
     return "image", classes, splits
 
 
+@register_loader("omniglot_run")
+def load_omniglot_run(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
+    """One official Omniglot one-shot run: training/classNN.png (one drawing per class) and
+    test/itemNN.png, labelled by class_labels.txt ('runNN/test/itemXX.png runNN/training/classYY.png')."""
+    run = Path(cfg.root)
+    support = sorted((run / "training").glob("*.png"))
+    labels_file = run / "class_labels.txt"
+    if not support or not labels_file.is_file():
+        raise DataError(f"data.root={cfg.root}: not a one-shot run folder (expected training/"
+                        f"*.png and class_labels.txt)")
+    index = {p.name: i for i, p in enumerate(support)}
+    load = lambda p: load_image(p, cfg.image_size, cfg.channels)  # noqa: E731
+    splits = {cfg.train_split: Split(torch.stack([load(p) for p in support]).float() / 255.0,
+                                     torch.arange(len(support)), [str(p) for p in support])}
+    if cfg.test_split:
+        queries, labels = [], []
+        for n, line in enumerate(labels_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or Path(parts[1]).name not in index:
+                raise DataError(f"{labels_file} line {n}: expected 'test/<item>.png "
+                                f"training/<class>.png' naming a support image")
+            queries.append(run / "test" / Path(parts[0]).name)
+            labels.append(index[Path(parts[1]).name])
+        splits[cfg.test_split] = Split(torch.stack([load(p) for p in queries]).float() / 255.0,
+                                       torch.tensor(labels), [str(p) for p in queries])
+    return "image", [p.stem for p in support], splits
+
+
 @register_loader("digits")
 def load_digits(cfg: DataConfig) -> tuple[str, list[str], dict[str, Split]]:
     """scikit-learn's bundled 8x8 digits (no download): a tiny real dataset for tests."""
@@ -427,6 +457,8 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
     # the files are read once per process; the draws below make new splits, never edit these
     modality, classes, splits = warm.keep("dataset", _source_key(cfg), lambda: loader(cfg))
     classes, splits = list(classes), dict(splits)
+    if cfg.invert and modality == "image":
+        splits = {k: Split(1.0 - s.inputs, s.labels, s.sources) for k, s in splits.items()}
     pool = splits[cfg.train_split]
     labels = pool.labels.tolist()
     if cfg.max_classes and len(classes) > cfg.max_classes:

@@ -53,7 +53,7 @@ from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.steps import train_step
-from trainers.strategies import apply_strategy
+from trainers.strategies import Strategy, build_strategy
 from trainers.timing import Laps
 from trainers.tracking import Tracker
 
@@ -175,13 +175,15 @@ class StepPlan:
     total_steps: int
 
     @classmethod
-    def of(cls, cfg: RunConfig, examples: int, world_size: int) -> StepPlan:
+    def of(cls, cfg: RunConfig, examples: int, world_size: int,
+           strategy: Strategy | None = None) -> StepPlan:
         t = cfg.train
         full_batch = optimizer_spec(cfg.optim.name).full_batch  # gd: the whole set per step
         per_rank = math.ceil(examples / world_size)
         micro = per_rank if full_batch else min(t.batch_size, per_rank)
         accum = 1 if full_batch else t.grad_accum
-        steps_per_epoch = math.ceil(math.ceil(per_rank / micro) / accum)
+        per_epoch = strategy.micro_batches_per_epoch(examples, micro, world_size) if strategy else None
+        steps_per_epoch = math.ceil((per_epoch or math.ceil(per_rank / micro)) / accum)
         return cls(micro, accum, t.max_steps or steps_per_epoch * t.epochs)
 
 
@@ -203,6 +205,7 @@ class Run:
     engine: Engine
     batcher: Batcher
     ckpts: Checkpoints
+    strategy: Strategy
     resume_dir: Path | None = None  # the checkpoint this run continues from
     best_ckpt: Path | None = None
     bar: Any = None  # tqdm
@@ -247,12 +250,18 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     barrier()
     laps.mark("setup")
     data = data or load_dataset(cfg.data, with_test=t.test)
+    if cfg.augment.rotated_classes:
+        data = augmenting.add_rotated_classes(data)
     if rank == 0:
         save_label_map(data, run_dir)
     device = pick_device(cfg, hooks.local_rank)
     laps.mark("data")
     torch.manual_seed(t.seed)
-    built = create_model(cfg.model, data.num_classes)
+    strategy = build_strategy(cfg)
+    built = create_model(cfg.model, data.num_classes,
+                         in_channels=cfg.data.channels if data.modality == "image" else 3)
+    if built.provenance is not None and rank == 0:
+        io.write_json(run_dir / "init_from.json", built.provenance)
     if t.grad_checkpointing:
         enable_grad_checkpointing(built.module, cfg.model.name)
     laps.mark("model")
@@ -264,16 +273,18 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
         ensure_space(run_dir, built.module, cfg)
     train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
+    strategy.setup(built)
     if resume_dir is None:  # a resumed run already carries the prepared weights
-        apply_strategy(cfg, built, train_split, device)
+        strategy.prepare(cfg, built, train_split, device)
     laps.mark("strategy")
-    plan = StepPlan.of(cfg, len(train_split), world_size)
+    plan = StepPlan.of(cfg, len(train_split), world_size, strategy)
     if plan.grad_accum != t.grad_accum:
         cfg = cfg.replace({"train.grad_accum": plan.grad_accum})
     engine = create_engine(cfg, built.module, device, plan.total_steps)
     laps.mark("engine")
     return Run(cfg, hooks, rank, world_size, run_dir, data, train_split, augment, built, device,
-               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), resume_dir,
+               plan, engine, Batcher(cfg, built, device), Checkpoints(run_dir, rank), strategy,
+               resume_dir,
                tracker=Tracker(cfg, run_dir) if rank == 0 else None, laps=laps)
 
 
@@ -358,14 +369,17 @@ def train_epoch(run: Run, progress: Progress) -> bool:
     epoch = progress.epoch
     if cfg.model.freeze_backbone and cfg.model.unfreeze_after is not None:
         run.built.set_backbone_trainable(epoch >= cfg.model.unfreeze_after)
-    order = epoch_order(len(run.train_split), t.seed + cfg.data.seed, epoch, run.rank,
-                        run.world_size)
-    micro_batches = [order[i:i + plan.micro_batch] for i in range(0, len(order), plan.micro_batch)]
+    micro_batches = run.strategy.batches(cfg, run.train_split, epoch, run.rank, run.world_size)
+    if micro_batches is None:  # the shuffled examples, cut into micro batches
+        order = epoch_order(len(run.train_split), t.seed + cfg.data.seed, epoch, run.rank,
+                            run.world_size)
+        micro_batches = [(order[i:i + plan.micro_batch], None)
+                         for i in range(0, len(order), plan.micro_batch)]
     n_micro = len(micro_batches)
     for m in range(progress.micro_in_epoch, n_micro):
         seed = step_seed(t.seed, epoch * n_micro + m, run.rank)
         loss, stepped = train_step(
-            run.engine, partial(classification_loss, run, micro_batches[m], seed), seed=seed,
+            run.engine, partial(classification_loss, run, *micro_batches[m], seed), seed=seed,
             where=f"at epoch {epoch + 1}, step {progress.global_step}", lr=cfg.optim.lr)
         run.window_loss += loss
         run.window_n += 1
@@ -385,12 +399,16 @@ def train_epoch(run: Run, progress: Progress) -> bool:
     return False
 
 
-def classification_loss(run: Run, idx: list[int], seed: int) -> torch.Tensor:
-    """Cross entropy (soft targets under mixup/cutmix) plus the L1/L2 penalty, one micro batch."""
+def classification_loss(run: Run, idx: list[int], targets: torch.Tensor | None,
+                        seed: int) -> torch.Tensor:
+    """Cross entropy (soft targets under mixup/cutmix) plus the L1/L2 penalty, one micro batch
+    (``targets``: the strategy's, e.g. an episode's query labels; None: the split's labels)."""
     cfg = run.cfg
     inputs, targets = make_train_batch(run.train_split, idx, run.batcher, run.augment,
-                                       run.data.num_classes, seed, run.device)
-    loss = soft_cross_entropy(run.engine.forward(**inputs), targets, cfg.train.label_smoothing)
+                                       run.data.num_classes, seed, run.device, targets)
+    with run.strategy.training(run.built):
+        logits = run.engine.forward(**inputs)
+    loss = soft_cross_entropy(logits, targets, cfg.train.label_smoothing)
     extra = penalty(run.built.module, cfg.optim.l1, cfg.optim.l2)
     return loss if extra is None else loss + extra
 
@@ -412,6 +430,7 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
                            "lr": run.engine.lr(), "train/loss": loss / max(n, 1),
                            "time_s": round(time.perf_counter() - run.started, 3)}
     if run.data.val is not None:
+        run.strategy.before_evaluation(run.cfg, run.built, run.train_split, run.device)
         row.update(evaluate(run.engine, run.batcher, run.data.val, run.data.num_classes,
                             t.eval_batch_size, "val"))
     run.laps.mark("evaluate")
@@ -442,6 +461,7 @@ def finish(run: Run, progress: Progress) -> RunResult:
     final: dict[str, Any] = {}
     if data.val is not None and best_ckpt is not None and (best_ckpt / "model.pt").is_file():
         load_into(run.engine, best_ckpt / "model.pt")
+    run.strategy.before_evaluation(run.cfg, run.built, run.train_split, run.device)
     if progress.history:
         final.update({k: v for k, v in progress.history[-1].items() if k.startswith("train/")})
         if progress.best is not None:

@@ -31,6 +31,7 @@ class BuiltModel:
     head_prefixes: tuple[str, ...]  # parameter-name prefixes of the freshly initialised head
     tokenizer: Any = None  # text models only
     modality: str = "image"
+    provenance: dict[str, Any] | None = None  # where model.init_from took the backbone from
 
     def backbone_parameters(self):
         return [p for n, p in self.module.named_parameters()
@@ -41,12 +42,12 @@ class BuiltModel:
             p.requires_grad_(trainable)
 
 
-Factory = Callable[[ModelConfig, int, str], BuiltModel]
+Factory = Callable[[ModelConfig, int, str, int], BuiltModel]  # cfg, classes, arg, in_channels
 # keyed by the prefix of model.name; "prefix:argument" passes the argument to the factory
 MODELS: Registry[Factory] = Registry("model", "model.name")
 
 
-FACTORY_ARGS = ("cfg", "num_classes", "arg")  # what every factory gets; the rest is params
+FACTORY_ARGS = ("cfg", "num_classes", "arg", "in_channels")  # what every factory gets; the rest is params
 
 
 def register_model(prefix: str, usage: str | None = None,
@@ -241,19 +242,19 @@ def _files_key(folder: Path) -> tuple:
 
 
 @register_model("minilm")
-def _minilm(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+def _minilm(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     return _hf_model(minilm_path(), cfg, num_classes)
 
 
 @register_model("mpnet")
-def _mpnet(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+def _mpnet(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     from trainers.mpnet import mpnet_path
 
     return _hf_model(mpnet_path(), cfg, num_classes)
 
 
 @register_model("hf", usage="hf:<folder>")
-def _hf(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+def _hf(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     folder = Path(arg)
     if not folder.is_dir():
         raise ConfigError(f"model.name=hf:{arg}: folder not found (give a local Hugging Face "
@@ -296,12 +297,12 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, section 4.2), 16/32/64 channels."""
 
-    def __init__(self, depth: int, num_classes: int):
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
             raise ConfigError(f"cifar_resnet depth {depth}: must be 6n+2 (20, 32, 44, 56, 110)")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
@@ -330,15 +331,18 @@ SHARED_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "shared" / "wei
 
 
 def _cifar_resnet(depth: int) -> Factory:
-    def build(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
-        model = CifarResNet(depth, num_classes)
-        if cfg.pretrained:
+    def build(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
+        model = CifarResNet(depth, num_classes, in_channels)
+        if cfg.pretrained and not cfg.init_from:
             path = Path(cfg.weights) if cfg.weights else (
                 SHARED_WEIGHTS / "resnet_cifar10" / CIFAR_WEIGHTS[depth])
             if not path.is_file():
                 raise ConfigError(f"model.weights: {path} not found (set model.weights to the "
                                   f"local checkpoint, or model.pretrained=false)")
             state = load_state_file(path)
+            if in_channels == 1 and state["conv1.weight"].shape[1] == 3:
+                # a gray image is R = G = B: the RGB filters summed see it exactly as before
+                state["conv1.weight"] = state["conv1.weight"].sum(1, keepdim=True)
             load_matching(model, state, str(path), skip_prefixes=("linear.",))
             if num_classes == state["linear.weight"].shape[0]:
                 model.linear.load_state_dict({"weight": state["linear.weight"],
@@ -361,7 +365,7 @@ class _TorchvisionWrapper(nn.Module):
 
 
 @register_model("torchvision", usage="torchvision:resnet18|resnet34|resnet50")
-def _torchvision(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
+def _torchvision(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
     import torchvision
 
     allowed = ("resnet18", "resnet34", "resnet50")
@@ -369,10 +373,56 @@ def _torchvision(cfg: ModelConfig, num_classes: int, arg: str) -> BuiltModel:
         raise ConfigError(f"model.name=torchvision:{arg}: unknown (allowed: "
                           f"{', '.join('torchvision:' + a for a in allowed)})")
     net = getattr(torchvision.models, arg)(weights=None)  # never downloads
-    if cfg.weights:
+    if cfg.weights and not cfg.init_from:
         load_matching(net, load_state_file(cfg.weights), cfg.weights, skip_prefixes=("fc.",))
+    if in_channels != 3:  # gray input: the RGB filters summed (R = G = B for a gray image)
+        rgb = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, rgb.out_channels, 7, 2, 3, bias=False)
+        with torch.no_grad():
+            net.conv1.weight.copy_(rgb.weight.sum(1, keepdim=True).expand_as(net.conv1.weight))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return BuiltModel(_TorchvisionWrapper(net), ("net.fc.",))
+
+
+class _HalveIfAbove1(nn.Module):
+    """2x2 max pooling that leaves a 1x1 map alone (so tiny test images pass all four blocks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 2 else x
+
+
+class Conv4(nn.Module):
+    """Four conv3x3-BN-ReLU-maxpool blocks (Vinyals et al. 2016; Snell et al. 2017).
+
+    Made for small gray characters: 28x28 in, 64 channels, 1x1x64 out, so the embedding is 64
+    numbers; larger inputs are average-pooled after the last block.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 64):
+        super().__init__()
+        blocks, cin = [], in_channels
+        for _ in range(4):
+            blocks += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                       _HalveIfAbove1()]
+            cin = width
+        self.body = nn.Sequential(*blocks)
+        self.linear = nn.Linear(width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(pixels))
+
+
+@register_model("conv4", usage="conv4[:<width>]")
+def _conv4(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int) -> BuiltModel:
+    if arg and not arg.isdigit():
+        raise ConfigError(f"model.name=conv4:{arg}: the argument is the width, e.g. conv4:64")
+    if cfg.pretrained and cfg.weights and not cfg.init_from:
+        raise ConfigError("model.weights: conv4 has no published weights; start it from a run "
+                          "with model.init_from or train it from scratch")
+    return BuiltModel(Conv4(num_classes, in_channels, int(arg) if arg else 64), ("linear.",))
 
 
 class MLP(nn.Module):
@@ -388,7 +438,8 @@ class MLP(nn.Module):
 
 
 @register_model("mlp", usage="mlp[:<inputs>]", ranges={"hidden": (1, None)})
-def _mlp(cfg: ModelConfig, num_classes: int, arg: str, *, hidden: int = 64) -> BuiltModel:
+def _mlp(cfg: ModelConfig, num_classes: int, arg: str, in_channels: int, *,
+         hidden: int = 64) -> BuiltModel:
     """``hidden``: width of the hidden layer (model.params.hidden)."""
     if arg and not arg.isdigit():
         raise ConfigError(f"model.name=mlp:{arg}: the argument is the input size, e.g. mlp:64")
@@ -409,10 +460,72 @@ def model_params(cfg: ModelConfig) -> dict[str, Any]:
                                skip=FACTORY_ARGS)
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
-    """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``)."""
+def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> BuiltModel:
+    """Build the model named by ``cfg.name`` (``prefix`` or ``prefix:argument``).
+
+    With ``cfg.init_from`` the backbone comes from another run (its head is left out: this
+    model's head is fresh, sized for ``num_classes``); ``built.provenance`` says where from.
+    Adapters (model.adapter) go on last, over the loaded backbone.
+    """
     factory, arg = model_factory(cfg.name)
-    built = factory(cfg, num_classes, arg, **model_params(cfg))
+    built = factory(cfg, num_classes, arg, in_channels, **model_params(cfg))
+    if cfg.init_from:
+        built.provenance = load_backbone(built, cfg)
     if cfg.freeze_backbone:
         built.set_backbone_trainable(False)
     return apply_adapter(cfg, built)
+
+
+# --------------------------------------------------------------------------------------------
+# model.init_from: the backbone of another run
+
+
+def init_checkpoint(source: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, run folder or None) for a run folder, checkpoint folder or weights file."""
+    p = Path(source)
+    if p.is_file():
+        return p, None
+    for folder in (p / "checkpoints" / "final", p):  # a run folder, or one checkpoint of it
+        if (folder / "model.pt").is_file():
+            run = p if folder != p else (p.parent.parent if p.parent.name == "checkpoints"
+                                         else None)
+            return folder / "model.pt", run
+    if (p / "checkpoints").is_dir():
+        raise CheckpointError(f"model.init_from={source}: that run has not finished (no "
+                              f"checkpoints/final/model.pt); finish or resume it first")
+    raise CheckpointError(f"model.init_from={source}: not a run folder, checkpoint folder or "
+                          f"weights file")
+
+
+def load_backbone(built: BuiltModel, cfg: ModelConfig) -> dict[str, Any]:
+    """Copy every non-head weight of ``cfg.init_from`` into ``built``; the provenance record."""
+    import hashlib
+
+    import yaml
+
+    path, run = init_checkpoint(cfg.init_from)
+    state = {k: v for k, v in load_state_file(path).items()
+             if not k.startswith(built.head_prefixes)}
+    source_cfg: dict[str, Any] = {}
+    config_file = next((f for f in (path.parent / "config.yaml",
+                                    run / "config.yaml" if run else None) if f and f.is_file()),
+                       None)
+    if config_file is not None:
+        source_cfg = yaml.safe_load(config_file.read_text()) or {}
+    source_model = (source_cfg.get("model") or {}).get("name", "?")
+    try:
+        load_matching(built.module, state, f"model.init_from={cfg.init_from}",
+                      skip_prefixes=built.head_prefixes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} - the source backbone is model.name={source_model!r}, this "
+                              f"run's is {cfg.name!r}") from None
+    digest = None
+    if source_cfg:
+        from trainers.config import from_dict
+
+        digest = from_dict(source_cfg, source=str(config_file)).digest()
+    return {"init_from": str(cfg.init_from), "weights": str(path),
+            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "source_run": str(run) if run else None, "source_name": source_cfg.get("name"),
+            "source_config_digest": digest, "source_model": source_model,
+            "backbone_tensors": len(state)}

@@ -16,7 +16,7 @@ from trainers import io
 from trainers.config import RunConfig, build_dataclass, set_dotted
 from trainers.errors import ConfigError
 
-__all__ = ["load_config", "parse_override", "parse_yaml"]
+__all__ = ["build_config", "load_config", "parse_override", "parse_yaml", "read_recipe"]
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -83,29 +83,37 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                *, check_paths: bool = True) -> RunConfig:
-    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p}: file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        raw = parse_yaml(text, source) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the recipe must be a mapping of sections "
-                              f"(data, model, optim, ...), got {type(raw).__name__}")
-        raw.setdefault("name", p.stem)
-    lines_src = raw
+def read_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The recipe's top-level mapping (keys remember their YAML lines) and its name for errors."""
+    p = Path(path)
+    source = str(p)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p}: file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = parse_yaml(text, source) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the recipe must be a mapping of sections "
+                          f"(data, model, optim, ...), got {type(raw).__name__}")
+    raw.setdefault("name", p.stem)
+    return raw, source
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, *,
+                 source: str = "config", line_sources: list[Any] = (),
+                 check_paths: bool = True, skip_paths: tuple[str, ...] = (),
+                 base: Path | None = None) -> RunConfig:
+    """Apply ``key=value`` overrides to recipe data, validate, check names and files.
+
+    ``line_sources`` are the YAML mappings the data came from, most specific first, so an
+    error names the line; ``skip_paths`` are path fields not checked (outputs of earlier stages);
+    ``base``: the recipe's folder, against which its own relative paths are read.
+    """
     raw = _plain(raw)
-    if path is not None:  # a recipe's own relative paths mean: next to the recipe
-        resolve_paths(raw, Path(path).resolve().parent)
+    if base is not None:  # a recipe's own relative paths mean: next to the recipe
+        resolve_paths(raw, base)
     given: dict[str, str] = {}
     for item in overrides or []:
         key, value = parse_override(item)
@@ -116,13 +124,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         cfg = build_dataclass(RunConfig, raw, "")
     except ConfigError as e:
-        raise ConfigError(_located(str(e), given, lines_src, source)) from None
+        raise ConfigError(_located(str(e), given, line_sources, source)) from None
     from trainers import checks  # the registries load torch: only once a recipe is read
 
     try:
-        checks.check_run(cfg, paths=check_paths)
+        checks.check_run(cfg, paths=check_paths, skip_paths=skip_paths)
     except ConfigError as e:
-        raise ConfigError(_located(str(e), given, lines_src, source)) from None
+        raise ConfigError(_located(str(e), given, line_sources, source)) from None
     return cfg
 
 
@@ -174,12 +182,27 @@ def _absolute_outputs(raw: dict[str, Any]) -> None:
         train["output_dir"] = _absolute(TrainConfig().output_dir, Path.cwd())
 
 
-def _located(msg: str, given: dict[str, str], lines_src: Any, source: str) -> str:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                *, check_paths: bool = True) -> RunConfig:
+    """Load a recipe, apply ``key=value`` overrides, validate, and return a RunConfig."""
+    if path is None:
+        return build_config({}, overrides, check_paths=check_paths)
+    raw, source = read_recipe(path)
+    if "stages" in raw:
+        names = ", ".join(map(str, raw["stages"] or []))
+        raise ConfigError(f"{source}: a staged recipe (stages: {names}); run it with "
+                          f"`launch.py train {path}`")
+    return build_config(raw, overrides, source=source, line_sources=[raw],
+                        check_paths=check_paths, base=Path(path).resolve().parent)
+
+
+def _located(msg: str, given: dict[str, str], line_sources: list[Any], source: str) -> str:
     """Prefix an error about field ``a.b`` with the override or the recipe line that set it."""
     dotted = msg.split(":", 1)[0].split("=", 1)[0]
-    if dotted in given:  # the value came from the command line, not the file
-        return f"override {given[dotted]!r}: {msg}"
-    line = _line_of(lines_src, dotted)
+    key = next((k for k in given if dotted == k or dotted.startswith(k + ".")), None)
+    if key is not None:  # the value came from the command line, not the file
+        return f"override {given[key]!r}: {msg}"
+    line = next((n for n in (_line_of(src, dotted) for src in line_sources) if n), None)
     return f"{source} line {line}: {msg}" if line else f"{source}: {msg}"
 
 

@@ -75,7 +75,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"{field}: expected a mapping of parameters, got {params!r}")
         fn = self.get(name)
         accepted = params_of(fn, skip)
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
         out = {}
         for key, value in params.items():
             where = f"{field}.{key}"

@@ -37,21 +37,64 @@ from trainers.registry import Registry
 from trainers.steps import train_step
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
-STRATEGIES: Registry[Prepare] = Registry("strategy", "model.strategy")
 PROBE_C = 1.0  # inverse L2 strength of the probe, as scikit-learn's / SetFit's default head
 
 
 PREPARE_ARGS = ("cfg", "built", "train", "device")  # what every strategy gets; the rest: params
 
 
+class Strategy:
+    """What a strategy may change in ``fit``; the defaults are plain supervised fine-tuning.
+
+    ``prepare`` runs once before the loop (not on resume: the checkpoint carries its result);
+    ``batches`` gives one epoch's micro batches as index lists with their targets (None: the
+    split's labels); ``training`` wraps each training forward; ``before_evaluation`` runs
+    before the model is scored.
+    """
+
+    def __init__(self, prepare: Prepare | None = None):
+        self._prepare = prepare
+
+    def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
+                device: torch.device) -> None:
+        if self._prepare is not None:
+            self._prepare(cfg, built, train, device)
+
+    def setup(self, built: BuiltModel) -> None:
+        """Runs on every start, resumed or not, before the engine wraps the model."""
+
+    def micro_batches_per_epoch(self, n: int, micro_bs: int, world_size: int) -> int | None:
+        """None: ceil(examples per rank / micro batch), the loop's own count."""
+        return None
+
+    def batches(self, cfg: RunConfig, train: Split, epoch: int, rank: int, world_size: int,
+                ) -> list[tuple[list[int], torch.Tensor | None]] | None:
+        return None  # the loop's shuffled micro batches
+
+    @contextmanager
+    def training(self, built: BuiltModel) -> Iterator[None]:
+        yield
+
+    def before_evaluation(self, cfg: RunConfig, built: BuiltModel, train: Split,
+                          device: torch.device) -> None:
+        pass
+
+    __call__ = prepare
+
+
+# an entry is a prepare function ``fn(cfg, built, train, device, *, <params>)`` or a Strategy
+# subclass whose ``__init__`` takes the params; either way its keyword parameters are the
+# allowed ``model.strategy_params.<name>``
+STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy", "model.strategy")
+
+
 def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None
-                      ) -> Callable[[Prepare], Prepare]:
-    """``@register_strategy("x")`` on ``fn(cfg, built, train, device, *, <params>)``: its
-    keyword parameters are the allowed ``model.strategy_params.x``."""
+                      ) -> Callable[[Callable], Callable]:
+    """``@register_strategy("x")`` on a prepare function or a Strategy subclass."""
     return STRATEGIES.register(name, ranges=ranges)
 
 
-def create_strategy(name: str) -> Prepare:
+def create_strategy(name: str) -> Callable[..., Any]:
     return STRATEGIES.get(name)
 
 
@@ -66,9 +109,27 @@ def strategy_params(cfg: RunConfig, name: str | None = None) -> dict[str, Any]:
                                    field=f"model.strategy_params.{name}", skip=PREPARE_ARGS)
 
 
+def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
+    """Strategy ``name`` with ``params`` (checked against its signature) as a Strategy."""
+    entry = STRATEGIES.get(name)
+    params = STRATEGIES.check_params(name, dict(params or {}),
+                                     field=f"model.strategy_params.{name}", skip=PREPARE_ARGS)
+    if isinstance(entry, type) and issubclass(entry, Strategy):
+        try:
+            return entry(**params)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.strategy_params.{name}: {e}") from None
+    return Strategy(partial(entry, **params))
+
+
+def build_strategy(cfg: RunConfig) -> Strategy:
+    """model.strategy with its model.strategy_params, ready for ``fit``."""
+    return make_strategy(cfg.model.strategy, strategy_params(cfg))
+
+
 def apply_strategy(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
     """Prepare ``built`` with model.strategy and its params (before fit fine-tunes it)."""
-    create_strategy(cfg.model.strategy)(cfg, built, train, device, **strategy_params(cfg))
+    build_strategy(cfg).prepare(cfg, built, train, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,3 +349,132 @@ def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.dev
     built.module.train(True)
     return total / max(1, len(pairs))
 
+
+
+# --------------------------------------------------------------------------------------------
+# Prototypical networks (Snell et al. 2017)
+
+
+def class_prototypes(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The mean embedding of each class, [num_classes, D]."""
+    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
+    sums.index_add_(0, labels.to(emb.device), emb)
+    counts = torch.bincount(labels.to(emb.device), minlength=num_classes).clamp_min(1)
+    return sums / counts.unsqueeze(1).to(emb.dtype)
+
+
+def prototype_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str,
+                     scale: float) -> torch.Tensor:
+    """Negative squared Euclidean distance, or scaled cosine similarity, to each prototype."""
+    if metric == "cosine":
+        return scale * F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    return -torch.cdist(query.float(), prototypes.float()).pow(2)
+
+
+class EpisodeHead(nn.Module):
+    """Stands in for the head during an episode: the queries' logits against the prototypes
+    of the episode's own support (layout of trainers.episodes: support first, class-major)."""
+
+    def __init__(self, ways: int, shots: int, metric: str, scale: float):
+        super().__init__()
+        self.ways, self.shots, self.metric, self.scale = ways, shots, metric, scale
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        n = self.ways * self.shots
+        protos = emb[:n].reshape(self.ways, self.shots, -1).mean(1)
+        return prototype_logits(emb[n:], protos, self.metric, self.scale)
+
+
+@torch.no_grad()
+def set_prototype_head(head: nn.Linear, prototypes: torch.Tensor, metric: str,
+                       scale: float) -> None:
+    """Make the linear head a nearest-prototype classifier.
+
+    Euclidean: -|x - c|^2 = 2 c.x - |c|^2 - |x|^2, and the last term is the same for every
+    class, so W = 2c, b = -|c|^2 gives exactly the prototype logits' softmax. Cosine: W = s c/|c|
+    gives the same ranking of classes for every x (|x| only rescales the row).
+    """
+    if metric == "cosine":
+        set_head(head, scale * F.normalize(prototypes, dim=-1), torch.zeros(len(prototypes)))
+    else:
+        set_head(head, 2 * prototypes, -(prototypes * prototypes).sum(1))
+
+
+class ProtoNet(Strategy):
+    """Nearest-prototype classification, trained on episodes or fine-tuned from prototypes.
+
+    The head always starts as the nearest-prototype classifier of the training split. With
+    ``episodes`` > 0 each epoch is that many ``ways``-way ``shots``-shot episodes with
+    ``queries`` queries per class (the pretraining stage): the head is frozen, the backbone
+    learns from the prototype loss, and before every evaluation the head is rebuilt from the
+    prototypes of the whole training split. With ``episodes=0`` the run is few-shot: epochs=0
+    classifies by the support set's prototypes; epochs > 0 fine-tunes the backbone and the
+    prototype-initialised head on the (augmented) support set with cross entropy.
+    """
+
+    def __init__(self, metric: str = "euclidean", scale: float = 10.0, ways: int = 20,
+                 shots: int = 1, queries: int = 5, episodes: int = 0):
+        super().__init__()
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric={metric!r}: allowed euclidean, cosine")
+        if min(ways, shots, queries) < 1 or ways < 2 or episodes < 0:
+            raise ValueError(f"need ways >= 2, shots >= 1, queries >= 1, episodes >= 0 (got "
+                             f"ways={ways}, shots={shots}, queries={queries}, "
+                             f"episodes={episodes})")
+        from trainers.episodes import EpisodeShape
+
+        self.metric, self.scale, self.episodes = metric, float(scale), episodes
+        self.shape = EpisodeShape(ways, shots, queries)
+
+    def setup(self, built: BuiltModel) -> None:
+        if self.episodes:  # the head learns nothing from episodes: DDP must not wait for it
+            head_module(built).requires_grad_(False)
+
+    def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
+                device: torch.device) -> None:
+        if not self.episodes:  # episodic runs rebuild the head before each evaluation anyway
+            set_prototypes(cfg, built, train, device, self.metric, self.scale)
+
+    def micro_batches_per_epoch(self, n: int, micro_bs: int, world_size: int) -> int | None:
+        return -(-self.episodes // world_size) if self.episodes else None
+
+    def batches(self, cfg: RunConfig, train: Split, epoch: int, rank: int, world_size: int,
+                ) -> list[tuple[list[int], torch.Tensor | None]] | None:
+        if not self.episodes:
+            return None
+        from trainers.episodes import EpisodeSampler, epoch_episodes
+
+        if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:
+            raise ConfigError("model.strategy=protonet: episodes cannot be mixed (set "
+                              "augment.mixup_alpha=0 and augment.cutmix_alpha=0)")
+        sampler = EpisodeSampler(train.labels.tolist(), self.shape, cfg.train.seed + cfg.data.seed)
+        targets = self.shape.query_targets()
+        return [(idx, targets) for idx in epoch_episodes(sampler, epoch, self.episodes, rank,
+                                                          world_size)]
+
+    @contextmanager
+    def training(self, built: BuiltModel) -> Iterator[None]:
+        if not self.episodes:
+            yield
+            return
+        head = EpisodeHead(self.shape.ways, self.shape.shots, self.metric, self.scale)
+        with swapped_head(built, head):
+            yield
+
+    def before_evaluation(self, cfg: RunConfig, built: BuiltModel, train: Split,
+                          device: torch.device) -> None:
+        if self.episodes:  # the frozen head is stale: rebuild it from the new embeddings
+            set_prototypes(cfg, built, train, device, self.metric, self.scale)
+
+
+def set_prototypes(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
+                   metric: str, scale: float) -> None:
+    """The head becomes the nearest-prototype classifier of ``train`` (its class means)."""
+    head = head_module(built)
+    built.module.to(device)
+    feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)
+    set_prototype_head(head, class_prototypes(feats, train.labels, head.out_features), metric,
+                       scale)
+
+
+register_strategy("protonet")(ProtoNet)
