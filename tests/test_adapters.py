@@ -92,9 +92,17 @@ def test_adapter_run_resumes_exactly(tiny_text, tmp_path: Path) -> None:
 
     model, data = tiny_text
     full = fit(recipe(model, data, tmp_path / "a"))
-    cut = fit(recipe(model, data, tmp_path / "b", "train.epochs=2"))
-    resumed = fit(recipe(model, data, tmp_path / "b", "train.resume=true",
-                         f"train.run_name={cut.run_dir.name}"))
+    from trainers.loop import Hooks
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_epoch_2(row, _ckpt):  # a crash right after the second checkpoint
+        if row["epoch"] >= 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        fit(recipe(model, data, tmp_path / "b"), Hooks(on_evaluation=stop_after_epoch_2))
+    resumed = fit(recipe(model, data, tmp_path / "b", "train.resume=true"))
     assert resumed.steps == full.steps
     assert resumed.metrics["test/accuracy"] == full.metrics["test/accuracy"]
     a = torch.load(full.run_dir / "checkpoints/final/model.pt", weights_only=True)
