@@ -65,7 +65,7 @@ def test_space_parses_every_distribution_kind(tmp_path: Path) -> None:
     ("{optim.name: 'choice[sgd, adamx]'}",
      "tune.space.optim.name: value 'adamx' of choice[sgd, adamx]"),
     ("{model.params.hidden: 'uniform[8, 64]'}",
-     "tune.space.model.params.hidden: value 28.72 of uniform[8, 64] is not allowed: model.hidden"),
+     "tune.space.model.params.hidden: value 28.72 of uniform[8, 64] is not allowed: expected int"),
     ("{optim.schedule: 'choice[linear, cosyne]'}", "tune.space.optim.schedule: value 'cosyne'"),
     ("{optim.lr: 0.1}", "tune.space.optim.lr: expected a distribution"),
     ("{optim.lr: 'choice[0.1, 0.1]'}", "listed twice"),

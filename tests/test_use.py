@@ -315,7 +315,7 @@ def test_bad_inputs_to_predict_and_evaluate(text_run, image_run, image_root, wor
                    "--text-column")
     header_only = work / "header.tsv"
     header_only.write_text("text\n")
-    one_line_error(["predict", str(text_run), str(header_only)], capsys, "header.tsv", "no rows")
+    one_line_error(["predict", str(text_run), str(header_only)], capsys, "header.tsv", "no examples")
     one_line_error(["predict", str(image_run), str(wrong_col)], capsys, "takes images")
     one_line_error(["predict", str(text_run), str(image_root / "test")], capsys, "takes text")
     bad_label = work / "bad-label.tsv"
