@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupts import Interrupt, interrupted_at
 from tiny_hf import make_tiny_hf, write_text_dataset
 
 from trainers.errors import ConfigError
@@ -92,16 +93,8 @@ def test_adapter_run_resumes_exactly(tiny_text, tmp_path: Path) -> None:
 
     model, data = tiny_text
     full = fit(recipe(model, data, tmp_path / "a"))
-    from trainers.loop import Hooks
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_epoch_2(row, _ckpt):  # a crash right after the second checkpoint
-        if row["epoch"] >= 2:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        fit(recipe(model, data, tmp_path / "b"), Hooks(on_evaluation=stop_after_epoch_2))
+    with pytest.raises(Interrupt):  # a crash right after the second checkpoint
+        fit(recipe(model, data, tmp_path / "b"), interrupted_at(2, key="epoch"))
     resumed = fit(recipe(model, data, tmp_path / "b", "train.resume=true"))
     assert resumed.steps == full.steps
     assert resumed.metrics["test/accuracy"] == full.metrics["test/accuracy"]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import CONFIGS
+from interrupts import Interrupt, interrupted_at
 
 from trainers.checkpoints import load_checkpoint_model
 from trainers.errors import CheckpointError, SmallshotError
@@ -39,19 +40,6 @@ def test_fit_learns_and_writes_run_folder(tmp_path):
     # the best checkpoint loads back into a plain model that scores like the run did
     built = load_checkpoint_model(cfg, result.best_checkpoint, num_classes=10)
     assert sum(p.numel() for p in built.module.parameters()) > 0
-
-
-class Interrupt(Exception):
-    """Stands in for a crash right after an evaluation and its checkpoint."""
-
-
-def interrupted_at(step: int):
-    from trainers.loop import Hooks
-
-    def stop(row, _ckpt):
-        if row["step"] >= step:
-            raise Interrupt
-    return Hooks(on_evaluation=stop)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):

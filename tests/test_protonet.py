@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import CONFIGS, ROOT
+from interrupts import Interrupt, interrupted_at
 
 from trainers.episodes import EpisodeSampler, EpisodeShape, epoch_episodes, rotated_classes
 from trainers.errors import CheckpointError, ConfigError, DataError
@@ -101,16 +102,8 @@ def test_protonet_learns_and_resumes_exactly(tmp_path):
     full = fit(digits(tmp_path / "a", *PROTO, "train.epochs=3"))
     assert full.steps == 18  # 3 epochs x 6 episodes
     assert full.metrics["test/accuracy"] > 0.5  # 10 digits; chance is 0.1
-    from trainers.loop import Hooks
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_epoch_1(row, _ckpt):  # a crash right after the first checkpoint
-        if row["step"] >= 6:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        fit(digits(tmp_path / "b", *PROTO, "train.epochs=3"), Hooks(on_evaluation=stop_after_epoch_1))
+    with pytest.raises(Interrupt):  # a crash right after the first epoch's checkpoint
+        fit(digits(tmp_path / "b", *PROTO, "train.epochs=3"), interrupted_at(6))
     resumed = fit(digits(tmp_path / "b", *PROTO, "train.epochs=3", "train.resume=true"))
     assert resumed.steps == 18
     assert [r["val/accuracy"] for r in resumed.history] == [r["val/accuracy"] for r in full.history]
