@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONFIGS, ROOT
 
 import launch
@@ -74,7 +75,18 @@ sys.exit(launch.main(sys.argv[1:]))
 
 
 def test_sigkill_inside_a_checkpoint_write_then_resume_repeats_no_row(tmp_path):
-    common = ["train", TINY, f"train.output_dir={tmp_path}", "train.epochs=5"]
+    # one intra-op thread in both processes: the killed run's first epochs come from a
+    # subprocess, and float sums split across a different number of threads differ in the ULP
+    common = ["train", TINY, f"train.output_dir={tmp_path}", "train.epochs=5",
+              "train.num_threads=1"]
+    threads = torch.get_num_threads()
+    try:
+        _killed_then_resumed(tmp_path, common)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_then_resumed(tmp_path, common):
     killed = subprocess.run([sys.executable, "-c", KILL_IN_THIRD_CHECKPOINT, *common,
                              "train.run_name=killed"], cwd=tmp_path, env=env(),
                             capture_output=True, text=True, timeout=600)
