@@ -7,6 +7,7 @@ checkpoints to Ray, and resumes from ``ray.train.get_checkpoint()`` after a fail
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -163,7 +164,6 @@ def train_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     if cfg.train.num_threads is None:  # one worker per CPU slot: avoid oversubscription
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    record_placement(cfg, rank, ctx)
     # DeepSpeed: every rank writes a shard; one upload per node carries the node's folder
     # (ranks of a node share it, and parallel uploads of one folder only repeat the copy)
     uploads = rank == 0 or (cfg.train.engine == "deepspeed" and ctx.get_local_rank() == 0)
@@ -190,6 +190,7 @@ def train_worker(config: dict[str, Any]) -> None:
         resume = Path(checkpoint.to_directory(str(local)))
         # a restarted worker group continues this run: keep its folder (best pointer, metrics)
         cfg = cfg.replace({"train.resume": True})
+    record_placement(cfg, rank, ctx, resume)
     assert world()[1] == ctx.get_world_size()
     try:
         fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
@@ -213,13 +214,18 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(log_level())
 
 
-def record_placement(cfg: RunConfig, rank: int, ctx: Any) -> None:
-    """workers/rank-N.json: where each rank ran (node, host, pid, devices) — for placement checks."""
+def record_placement(cfg: RunConfig, rank: int, ctx: Any, resume: Path | None) -> None:
+    """workers/rank-N.json: where each rank ran (node, host, pid, devices) and, for a restarted
+    worker group, the epoch and step of the checkpoint it continued from."""
     import ray
 
     folder = cfg.run_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     info = {"rank": rank, "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
             "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+            "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "resumed_from": None}
+    if resume is not None and (resume / "progress.json").is_file():
+        progress = json.loads((resume / "progress.json").read_text())
+        info["resumed_from"] = {k: progress.get(k) for k in ("epoch", "global_step")}
     io.write_json(folder / f"rank-{rank}.json", info, indent=None)

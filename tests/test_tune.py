@@ -165,8 +165,9 @@ def test_invalid_space_fails_before_any_trial_or_folder(tmp_path: Path, capsys) 
 # Kill and resume (its own Ray, in subprocesses)
 
 
-# Warm runners finish a tiny trial in well under a second: enough trials that the sweep is
-# still running when Tune's snapshot (every KILL_SNAPSHOT_S here) first shows one finished
+# Warm runners finish a tiny trial in a tenth of a second: 100 shots in batches of 4 and enough
+# trials that the sweep is still running when Tune's snapshot (every KILL_SNAPSHOT_S here)
+# first shows one finished
 KILL_TRIALS, KILL_SNAPSHOT_S = 8, "1"
 
 
@@ -174,7 +175,8 @@ def tune_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "launch.py", "tune", str(TINY), f"train.output_dir={out}",
             "tune.space={optim.lr: 'loguniform[1e-3, 1e-2]'}", f"tune.num_samples={KILL_TRIALS}",
             "tune.scheduler=none", "tune.max_concurrent=1", "train.epochs=3",
-            "train.save_checkpoints=false", "--no-report", *extra]
+            "data.shots=100", "train.batch_size=4", "train.save_checkpoints=false", "--no-report",
+            *extra]
 
 
 def trial_states(sweep: Path) -> dict[str, str]:
