@@ -91,6 +91,16 @@ def check_sweep(cfg: RunConfig) -> None:
     SCHEDULERS.get(t.scheduler)
 
 
+def check_sweep_data(cfg: RunConfig, space: SearchSpace) -> None:
+    """Draw the sweep's few-shot sets once before Ray starts, when no data field is searched:
+    data every trial would refuse (too few examples for data.shots, an empty class) is then one
+    line here, not the same error from inside every trial. The test split is not read."""
+    if not any(f.startswith("data.") for f in space.fields):
+        from trainers.data import load_dataset
+
+        load_dataset(cfg.data, with_test=False)
+
+
 # --------------------------------------------------------------------------------------------
 # The sweep
 
@@ -240,6 +250,8 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     """
     space = parse_space(cfg)
     check_sweep(cfg)
+    if not resume:
+        check_sweep_data(cfg, space)
     sweep_dir = prepare_sweep_dir(cfg, resume=resume, overwrite=overwrite)
     base = _sweep_config(cfg)
 

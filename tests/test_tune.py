@@ -16,7 +16,7 @@ import pytest
 from conftest import CONFIGS, ROOT
 
 from cluster.space import Conditional, Dist, parse_space
-from cluster.tune import prepare_sweep_dir, run_sweep, sweep_dir_of
+from cluster.tune import check_sweep_data, prepare_sweep_dir, run_sweep, sweep_dir_of
 from trainers.errors import ConfigError
 from trainers.recipe import load_config
 
@@ -159,6 +159,24 @@ def test_invalid_space_fails_before_any_trial_or_folder(tmp_path: Path, capsys) 
     assert err.count("\n") == 1 and "optim.nam: unknown key" in err and "did you mean 'name'" in err
     assert not ray.is_initialized()
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_data_every_trial_would_refuse_fails_once_before_ray(tmp_path: Path, capsys) -> None:
+    """Too few examples for data.shots: one line from the driver, not one error per trial."""
+    import ray
+
+    import launch
+
+    code = launch.main(["tune", str(TINY), f"train.output_dir={tmp_path}", "data.shots=150",
+                        "tune.space={optim.lr: 'grid[1e-3, 1e-2]'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "data.shots=150: class 0" in err, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists()
+    # a searched data field is left to the trials (each may draw differently)
+    cfg = space_of(tmp_path, "{data.shots: 'grid[5, 150]'}")
+    check_sweep_data(cfg, parse_space(cfg))
 
 
 # --------------------------------------------------------------------------------------------
