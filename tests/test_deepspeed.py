@@ -26,6 +26,28 @@ def test_inconsistent_batch_sizes_are_refused_with_the_numbers() -> None:
     check_batch_sizes(ds, world_size=4)  # 4 x 2 x 4 = 32 agrees
 
 
+def test_communication_buckets_scale_with_the_trained_parameters(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    from trainers.engines import BUCKET, MIN_BUCKET, deepspeed_config
+
+    cfg = load_config(CONFIGS / "tiny-digits.yaml", [f"train.output_dir={tmp_path}",
+                                                      "train.engine=deepspeed",
+                                                      "train.zero_stage=3"])
+    cpu = torch.device("cpu")
+
+    def bucket(trained: int | None) -> int:
+        zero = deepspeed_config(cfg, 2, cpu, trained)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"]
+        return zero["reduce_bucket_size"]
+
+    assert bucket(45_000_000) == 4_500_000  # a tenth of the model, not a fixed 200 MB
+    assert bucket(10_000) == MIN_BUCKET and bucket(10**10) == bucket(None) == BUCKET
+    zero0 = deepspeed_config(cfg.replace({"train.zero_stage": 0}), 2, cpu, 45_000_000)
+    assert "reduce_bucket_size" not in zero0["zero_optimization"]
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stage_trains_and_exports_weights_a_plain_model_scores_alike(
