@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "seconds": round(time.perf_counter() - t0, 1)})
             for model in args.models:
                 for seed in args.seeds:
+                    if not args.quick and cell_path(f"{model}-protonet-s{seed}").exists():
+                        print(f"{model} seed {seed}: cached, skipped", flush=True)
+                        continue  # cached: seeds run one at a time, reruns skip done work
                     cell = protonet_cell(model, seed, runs, out, args.quick)
                     if not args.quick:
                         save_cell(f"{model}-protonet-s{seed}", cell)
