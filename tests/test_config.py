@@ -27,6 +27,22 @@ def test_recipes_in_configs_load():
         assert cfgs and all(isinstance(cfg, RunConfig) for cfg in cfgs)
 
 
+def test_recipes_point_at_the_shared_data():
+    # a recipe's relative root is read from configs/, so ../shared (one level short) slips by
+    # check_paths=False above; where the shared data is present, every such root must exist
+    from trainers.stages import is_staged, load_stages
+
+    shared = CONFIGS.parent.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/data next to the checkout")
+    for recipe in sorted(CONFIGS.glob("*.yaml")):
+        cfgs = (load_stages(recipe, check_paths=False) if is_staged(recipe)
+                else [load_config(recipe, check_paths=False)])
+        for cfg in cfgs:
+            if "shared" in cfg.data.root:
+                assert Path(cfg.data.root).exists(), f"{recipe.name}: {cfg.data.root}"
+
+
 def test_overrides_apply_with_types(tmp_path):
     cfg = load_config(CONFIGS / "tiny-digits.yaml",
                       ["optim.lr=3e-4", "data.shots=8", "model.freeze_backbone=true",
