@@ -57,7 +57,9 @@ def trial_epochs(sweep: Path) -> list[tuple[dict[str, Any], list[float]]]:
         record = json.loads((run / "trial.json").read_text())
         rows = [json.loads(line) for line in
                 (sweep / run.name / "result.json").read_text().splitlines()]
-        accs = [r[METRIC] for r in rows if "epochs" not in r]  # evaluation rows, not the final
+        # one report per evaluation; the last evaluation comes in the final row, where METRIC
+        # is the run's best and the evaluation's own value is last_METRIC (trainers.metrics)
+        accs = [r.get(f"last_{METRIC}", r[METRIC]) for r in rows]
         trials.append((record["started"], record["params"], accs))
     return [(p, a) for _, p, a in sorted(trials, key=lambda t: t[0])]
 
@@ -90,6 +92,7 @@ def run(seeds: int, out: Path) -> dict[str, Any]:
     grid = trial_epochs(sweep_dir_of(cfg))
     grid_wall = time.perf_counter() - t0
     assert len(grid) == grid_size, f"grid ran {len(grid)} of {grid_size} configs"
+    assert all(len(accs) == EPOCHS for _, accs in grid), "a grid trial lost an evaluation"
     target = max(max(accs) for _, accs in grid)
     grid_cost = sum(len(accs) for _, accs in grid)
     best = [p for p, accs in grid if max(accs) >= target - 1e-9]

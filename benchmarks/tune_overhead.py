@@ -184,6 +184,19 @@ def run(n1: int, n2: int, out: Path) -> dict[str, Any]:
     return res
 
 
+REUSE_HANG = (
+    "## Why Tune's `reuse_actors` hung here before (Ray 2.60), and the fix\n\n"
+    "`FunctionTrainable.reset_config` waits `TUNE_FUNCTION_THREAD_TIMEOUT_S` (default **2 s**) "
+    "for the previous trial's training thread to end, and returns False if it is still alive. "
+    "Our trial ended with a full `gc.collect()` of the freed model, in that thread: ~1 s alone, "
+    "past 2 s under load. On False, `TuneController._on_trial_reset` errors the *next* trial "
+    "(`_AbortTrialExecution`) through `_schedule_trial_stop`, which never calls the searcher's "
+    "`on_trial_complete`; with `max_concurrent=1` the ConcurrencyLimiter's one slot stays taken, "
+    "so the searcher suggests nothing and the sweep loops forever. Fix (cluster/trial.py): the "
+    "trial sets `TUNE_FUNCTION_THREAD_TIMEOUT_S=600` (read at each reset) and `gc.freeze()`s "
+    "what outlives a trial, so the release takes milliseconds (`memory release (gc)` above).\n")
+
+
 def markdown(res: dict[str, Any]) -> str:
     n1, n2 = res["n1"], res["n2"]
     rows = []
@@ -216,6 +229,13 @@ def markdown(res: dict[str, Any]) -> str:
             "`trainers.timing` phases of the run (`report` = blocking in `tune.report`); "
             "`results to driver`: from the trial function returning to the driver's "
             "on_trial_complete.\n\n"
+            "The issue's phases map onto these rows: process/actor start and Ray's "
+            "bookkeeping between trials = `runner start / reset`; imports = `imports`; model "
+            "load = `fit: model`; data loading / tokenisation = `fit: data`; evaluation = "
+            "`fit: evaluate`; checkpoint writes = `fit: checkpoints` (the benchmark recipe "
+            "saves none, so this is the metrics.jsonl line and tracker); result syncing = `fit: report` + "
+            "`results to driver`.\n\n"
+            + REUSE_HANG + "\n"
             f"Machine: {res['machine']['cpus']} cores shared with other agents' jobs "
             f"(load average {load} at the end): absolute times are noisy; the ratios, measured "
             f"side by side in one run, are what count.\n")
