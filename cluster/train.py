@@ -7,7 +7,6 @@ checkpoints to Ray, and resumes from ``ray.train.get_checkpoint()`` after a fail
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -226,6 +225,6 @@ def record_placement(cfg: RunConfig, rank: int, ctx: Any, resume: Path | None) -
             "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "resumed_from": None}
     if resume is not None and (resume / "progress.json").is_file():
-        progress = json.loads((resume / "progress.json").read_text())
+        progress = io.read_json(resume / "progress.json")
         info["resumed_from"] = {k: progress.get(k) for k in ("epoch", "global_step")}
     io.write_json(folder / f"rank-{rank}.json", info, indent=None)
