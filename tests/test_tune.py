@@ -187,14 +187,14 @@ def test_data_every_trial_would_refuse_fails_once_before_ray(tmp_path: Path, cap
 # trials that the sweep is still running when Tune's snapshot (every KILL_SNAPSHOT_S here)
 # first shows one finished
 KILL_TRIALS, KILL_SNAPSHOT_S = 8, "1"
+SECOND_LONG_TRIAL = ["data.shots=100", "train.batch_size=4"]
 
 
 def tune_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "launch.py", "tune", str(TINY), f"train.output_dir={out}",
             "tune.space={optim.lr: 'loguniform[1e-3, 1e-2]'}", f"tune.num_samples={KILL_TRIALS}",
             "tune.scheduler=none", "tune.max_concurrent=1", "train.epochs=3",
-            "data.shots=100", "train.batch_size=4", "train.save_checkpoints=false", "--no-report",
-            *extra]
+            *SECOND_LONG_TRIAL, "train.save_checkpoints=false", "--no-report", *extra]
 
 
 def trial_states(sweep: Path) -> dict[str, str]:

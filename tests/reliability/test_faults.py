@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import CONFIGS, ROOT, simulated_cluster
 from test_distributed import registered_checkpoints, rows, train_while_killing
-from test_tune import start_sweep_until_a_trial_finishes, trial_states
+from test_tune import SECOND_LONG_TRIAL, start_sweep_until_a_trial_finishes, trial_states
 
 from trainers.config import RunConfig
 from trainers.recipe import load_config
@@ -155,8 +155,8 @@ def trial_digest(sweep: Path, trial_id: str) -> dict[str, str]:
             **{f"run/{k}": v for k, v in tree_digest(sweep / "runs" / trial_id).items()}}
 
 
-# warm runners finish a tiny trial in a tenth of a second: 100 shots in batches of 4 make each
-# trial last about a second, so the kill lands mid-sweep with some trials recorded as finished
+# warm runners finish a tiny trial in a tenth of a second: SECOND_LONG_TRIAL makes each trial
+# last about a second, so the kill lands mid-sweep with some trials recorded as finished
 DRIVER_KILL_LRS, DRIVER_KILL_EPOCHS = [1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2], 4
 
 
@@ -165,8 +165,7 @@ def sweep_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "launch.py", "tune", str(TINY), f"train.output_dir={out}",
             f"tune.space={{optim.lr: 'grid[{lrs}]'}}", "tune.num_samples=1",
             "tune.scheduler=none", "tune.max_concurrent=1", f"train.epochs={DRIVER_KILL_EPOCHS}",
-            "data.shots=100", "train.batch_size=4", "tune.name=driver-killed", "--no-report",
-            *extra]
+            *SECOND_LONG_TRIAL, "tune.name=driver-killed", "--no-report", *extra]
 
 
 def wait_for_no_trial_actors(timeout_s: float) -> None:
