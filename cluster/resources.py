@@ -50,9 +50,13 @@ class TrialNeeds:
     driver_cpus: float = DRIVER_CPUS
     driver_gpus: float = 0.0
     placement: str = "PACK"
+    # the workers are tasks in the trial's own placement group (parallel folds: the trial
+    # trains one fold, each worker bundle another), not the worker group of a TorchTrainer,
+    # which Ray places in a placement group of its own
+    workers_in_trial: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_workers > 1 and 0 < self.worker_gpus < 1:
+        if self.num_workers > 1 and 0 < self.worker_gpus < 1 and not self.workers_in_trial:
             raise ClusterError(f"{self.num_workers} workers x {self.worker_gpus:g} GPU: fractional "
                                f"GPUs would put two NCCL ranks on one GPU; use whole GPUs or one "
                                f"worker")
@@ -78,6 +82,16 @@ class TrialNeeds:
         return cls(num_workers=s.num_workers, worker_cpus=s.cpus_per_worker, worker_gpus=gpus,
                    placement=s.placement)
 
+    @classmethod
+    def for_folds(cls, cfg: Any, at_once: int) -> TrialNeeds:
+        """An in-process k-fold trial that trains ``at_once`` folds at a time: one itself, the
+        others in tasks, each with what the trial alone has (so a fold trains as it would)."""
+        alone = cls.from_config(cfg)
+        return cls(num_workers=at_once - 1, worker_cpus=alone.driver_cpus,
+                   worker_gpus=alone.driver_gpus, driver_cpus=alone.driver_cpus,
+                   driver_gpus=alone.driver_gpus, placement=alone.placement,
+                   workers_in_trial=True)
+
     @property
     def driver_bundle(self) -> dict[str, float]:
         """The resources to give the trial function (``tune.with_resources``)."""
@@ -99,6 +113,9 @@ class TrialNeeds:
         if not self.num_workers:
             return f"in-process trial ({driver})"
         worker = _amount(self.worker_cpus, self.worker_gpus)
+        if self.workers_in_trial:
+            return (f"{self.num_workers + 1} folds at once: one in the trial process ({driver}), "
+                    f"{self.num_workers} in task(s) x ({worker})")
         return (f"driver ({driver}) + {self.num_workers} worker(s) x ({worker}), "
                 f"placement {self.placement}")
 
@@ -125,8 +142,21 @@ class ResourcePlan:
     placements: list[TrialPlacement] = field(default_factory=list)
 
     @property
-    def trial_resources(self) -> dict[str, float]:
-        return self.needs.driver_bundle
+    def folds_at_once(self) -> int:
+        return self.needs.num_workers + 1 if self.needs.workers_in_trial else 1
+
+    @property
+    def trial_resources(self) -> Any:
+        """What ``tune.with_resources`` gets: the trial's bundle, or for parallel folds a
+        placement group of it and one bundle per fold (Tune has the trial's tasks use it)."""
+        n = self.needs
+        if not n.workers_in_trial:
+            return n.driver_bundle
+        from ray.tune import PlacementGroupFactory
+
+        worker = {"CPU": n.worker_cpus, **({"GPU": n.worker_gpus} if n.worker_gpus else {})}
+        return PlacementGroupFactory([n.driver_bundle] + [worker] * n.num_workers,
+                                     strategy=n.placement)
 
     def table(self) -> str:
         """The plan as a markdown table, one row per node, printed before the sweep starts."""
@@ -146,7 +176,7 @@ class ResourcePlan:
                 hosts[node].append(f"t{p.trial}:w{','.join(map(str, ranks))}")
         head = (f"resource plan: {self.max_concurrent} trial(s) at once (limited by "
                 f"{self.limited_by}); each trial: {n.describe()}")
-        if n.num_workers:
+        if n.num_workers and not n.workers_in_trial:
             head += (f"\n  workers leave {self.max_concurrent * n.driver_cpus:g} CPU free on "
                      f"every node: Ray may put any trial's driver there")
         rows = [["node", "CPU", "GPU", "CPU used", "GPU used", "hosts"]]
@@ -223,7 +253,9 @@ def _plan(nodes: list[Node], needs: TrialNeeds, m: int) -> list[TrialPlacement] 
     """
     names = [n.name for n in nodes]
     free = [_Free(n) for n in nodes]
-    reserve = m * needs.driver_cpus if needs.num_workers else 0.0
+    # (a placement group of the trial's own is placed whole: its first bundle is not a driver
+    # that lands before its workers)
+    reserve = m * needs.driver_cpus if needs.num_workers and not needs.workers_in_trial else 0.0
     held = [min(f.cpus, reserve) for f in free]
     for f, r in zip(free, held):
         f.cpus -= r
@@ -388,3 +420,36 @@ def cluster_nodes() -> list[Node]:
         nodes.append(Node(name=name, cpus=float(res.get("CPU", 0.0)),
                           gpus=float(res.get("GPU", 0.0)), node_id=node_id))
     return nodes
+
+
+def plan_folds(nodes: Iterable[Node | Mapping[str, Any]], cfg: Any, trials: int,
+               sequential: ResourcePlan) -> ResourcePlan:
+    """The plan for k-fold trials of ``cfg`` training several folds at once (its
+    ``folds_at_once``), else ``sequential``, the plan for one fold at a time; ``trials`` is
+    the sweep's trial count.
+
+    Trials come first: with tune.parallel_folds=0 folds run side by side only when every
+    trial of the sweep already runs at once (one GPU, or more trials than slots: sequential).
+    The count is then evened out (5 folds with room for 3: 3 + 2 takes as long as 3 + 2 of
+    3; 4 folds with room for 3: 2 + 2, not 3 + 1).
+    """
+    k, want = cfg.data.folds, cfg.tune.parallel_folds
+    if k <= 1 or cfg.scaling.num_workers > 0 or want == 1:
+        return sequential
+    if want == 0 and trials >= sequential.max_concurrent:
+        return sequential
+    nodes = list(nodes)
+    cap = cfg.tune.max_concurrent
+    for at_once in range(min(want or k, k), 1, -1):
+        try:
+            plan = plan_trial_resources(nodes, TrialNeeds.for_folds(cfg, at_once), cap)
+        except ClusterError:
+            if want:  # asked for: say why it cannot be
+                raise
+            continue
+        if want or plan.max_concurrent >= trials:
+            even = math.ceil(k / math.ceil(k / at_once))
+            if even < at_once:
+                plan = plan_trial_resources(nodes, TrialNeeds.for_folds(cfg, even), cap)
+            return plan
+    return sequential

@@ -10,16 +10,21 @@ With ``data.folds = k > 1`` a trial runs the folds one after another (fold i val
 rest train) and reports after each fold: ``<metric>`` = the running mean of the folds' last
 evaluation, ``<metric>_std`` their spread, ``fold`` = folds done, so ``training_iteration`` is
 the fold count and ASHA compares trials on the same number of folds (a trial it stops after
-fold 1 was worse on that fold than its peers). Folds run sequentially rather than in lockstep
-so that one process (and one GPU) suffices per trial.
+fold 1 was worse on that fold than its peers). Folds run one after another in the trial
+process, so that one process (and one GPU) suffices per trial; where the cluster has room once
+every trial has its slot, the planner gives a trial several fold bundles and its folds train
+side by side as Ray tasks in them (``folds_at_once``), reported in fold order all the same.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +66,8 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
     return base.replace(overrides, source=f"trial {trial_id}")
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str,
+              folds_at_once: int = 1) -> None:
     """The Tune trainable: one trial = one config, trained in-process or on Ray Train."""
     from ray import tune
 
@@ -83,7 +89,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     io.write_json(record, info)
     try:
         if cfg.data.folds > 1:
-            _run_folds(cfg, trial_id)
+            info["folds_at_once"], info["folds"] = folds_at_once, []
+            _run_folds(cfg, trial_id, folds_at_once, info["folds"])
         else:
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
@@ -137,38 +144,105 @@ def _run_once(cfg: RunConfig, trial_id: str) -> None:
     fit(cfg, Hooks(on_evaluation=on_evaluation, on_finish=on_finish))
 
 
-def _run_folds(cfg: RunConfig, trial_id: str) -> None:
-    """k folds one after another; after each, report the running mean/std over folds done."""
+def _run_folds(cfg: RunConfig, trial_id: str, at_once: int = 1,
+               where: list[dict[str, Any]] | None = None) -> None:
+    """k folds; after each (in fold order), report the running mean/std over folds done.
+    ``where`` gets, per fold, the process that trained it and when."""
     from ray import tune
 
     metric = cfg.tune.metric
     scores: list[float] = []
-    for fold in range(cfg.data.folds):
-        fold_cfg = cfg.replace({"data.fold": fold, "train.run_name": f"{trial_id}/fold-{fold}"})
-        last = _train_fold(fold_cfg, trial_id, fold)
-        if metric not in last:
-            raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run reports "
-                              f"({', '.join(sorted(last))})")
-        scores.append(float(last[metric]))
-        row = {k: v for k, v in numeric(last).items() if not k.startswith("val/")}
-        mean, std = mean_std(scores)
-        row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
-                    "fold": fold + 1})
-        tune.report(row)
+    folds = [cfg.replace({"data.fold": f, "train.run_name": f"{trial_id}/fold-{f}"})
+             for f in range(cfg.data.folds)]
+    lasts = (_side_by_side(folds, at_once) if at_once > 1 and cfg.scaling.num_workers == 0
+             else (_train_fold(c, trial_id, f) for f, c in enumerate(folds)))
+    with contextlib.closing(lasts):  # a stop raised in tune.report cancels running folds now
+        for fold, (last, ran) in enumerate(lasts):
+            if where is not None:
+                where.append({"fold": fold, **ran})
+            if metric not in last:
+                raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run "
+                                  f"reports ({', '.join(sorted(last))})")
+            scores.append(float(last[metric]))
+            row = {k: v for k, v in numeric(last).items() if not k.startswith("val/")}
+            mean, std = mean_std(scores)
+            row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
+                        "fold": fold + 1})
+            tune.report(row)
 
 
-def _train_fold(cfg: RunConfig, trial_id: str, fold: int) -> dict[str, Any]:
-    """Train one fold and return its last evaluation (not the best: no selection on it)."""
+def _train_fold(cfg: RunConfig, trial_id: str,
+                fold: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one fold; its last evaluation (not the best: no selection on it) and where/when."""
     if cfg.scaling.num_workers > 0:
+        started = time.time()
         result = _trainer(cfg, f"{trial_id}-fold-{fold}", report_to_tune=False).fit()
         if result.error is not None:
             raise result.error
         rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
-        return rows[-1] if rows else {}
+        return (rows[-1] if rows else {}), {"trainer": True, "started": started,
+                                            "ended": time.time()}
+    return _fit_last(cfg.to_dict())
+
+
+def _fit_last(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """fit one fold's config (plain data: also the body of a fold task); its last evaluation,
+    and the process and times it trained in."""
     from trainers.loop import fit
 
-    result = fit(cfg)
-    return result.history[-1] if result.history else {}
+    ran = {"pid": os.getpid(), "started": time.time()}
+    result = fit(from_dict(cfg, source="fold config"))
+    ran["ended"] = time.time()
+    return (result.history[-1] if result.history else {}), ran
+
+
+def _side_by_side(folds: list[RunConfig],
+                  at_once: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """What _fit_last gives for each fold, in fold order, ``at_once`` folds at a time: one in
+    this process, the others as Ray tasks in the trial's placement group (Tune has a trial's
+    tasks use it), each slot taking the next fold when it is free. Tasks still running when
+    the trial ends (ASHA stopped it, a fold failed) are cancelled."""
+    import ray
+
+    from cluster.resources import TrialNeeds
+
+    alone = TrialNeeds.from_config(folds[0])
+    task = ray.remote(_fit_last).options(num_cpus=alone.driver_cpus,
+                                         num_gpus=alone.driver_gpus, max_retries=0)
+    queued = collections.deque(range(len(folds)))
+    running: dict[Any, int] = {}
+    done: dict[int, Any] = {}
+
+    def fill() -> None:
+        while queued and len(running) < at_once - 1:
+            f = queued.popleft()
+            running[task.remote(folds[f].to_dict())] = f
+
+    def collect(wait: bool) -> None:
+        ready, _ = ray.wait(list(running), num_returns=1 if wait else len(running),
+                            timeout=None if wait else 0)
+        for ref in ready:
+            f = running.pop(ref)
+            try:
+                done[f] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the fold's own error, not Ray's
+                raise (e.cause if isinstance(e.cause, Exception) else e) from None
+        fill()
+
+    try:
+        for fold in range(len(folds)):
+            while fold not in done:
+                if queued:  # this process takes the next fold, the tasks the ones after it
+                    mine = queued.popleft()
+                    fill()
+                    done[mine] = _fit_last(folds[mine].to_dict())
+                    collect(wait=False)
+                else:
+                    collect(wait=True)
+            yield done.pop(fold)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
 
 
 def _trainer(cfg: RunConfig, run_name: str, report_to_tune: bool) -> Any:

@@ -188,21 +188,29 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def plan_for(cfg: RunConfig) -> Any:
-    """The resource plan for ``cfg`` on the connected Ray cluster.
+def plan_for(cfg: RunConfig, trials: int = 1) -> Any:
+    """The resource plan for ``cfg`` (a sweep of ``trials`` trials) on the connected Ray
+    cluster, k-fold trials training folds side by side where there is room (plan_folds).
 
     An autoscaling cluster (KubeRay with minReplicas 0) may have no worker node yet: when no
     trial fits now and tune.max_concurrent is set, the sweep trusts that cap and lets the
     autoscaler add nodes (Train's worker start-up timeout bounds the wait); without a cap the
     refusal stands.
     """
-    from cluster.resources import ResourcePlan, TrialNeeds, cluster_nodes, plan_trial_resources
+    from cluster.resources import (
+        ResourcePlan,
+        TrialNeeds,
+        cluster_nodes,
+        plan_folds,
+        plan_trial_resources,
+    )
     from trainers.errors import ClusterError
 
     needs = TrialNeeds.from_config(cfg)
     nodes = cluster_nodes()
     try:
-        return plan_trial_resources(nodes, needs, cap=cfg.tune.max_concurrent)
+        sequential = plan_trial_resources(nodes, needs, cap=cfg.tune.max_concurrent)
+        return plan_folds(nodes, cfg, trials, sequential)
     except ClusterError as e:
         if not cfg.tune.max_concurrent:
             raise
@@ -210,6 +218,11 @@ def plan_for(cfg: RunConfig) -> Any:
               f"trial(s) in case an autoscaler adds nodes", flush=True)
         return ResourcePlan(nodes, needs, cfg.tune.max_concurrent,
                             "tune.max_concurrent (nodes still to come)")
+
+
+def sweep_trials(cfg: RunConfig, space: SearchSpace) -> int:
+    """Trials the sweep starts: num_samples per grid point (every choice is one for grid)."""
+    return cfg.tune.num_samples * space.grid_size(grid=cfg.tune.search == "grid")
 
 
 def tracking_callbacks(cfg: RunConfig) -> list[Any]:
@@ -260,11 +273,12 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     from cluster.session import ensure_ray
 
     ensure_ray(cfg.scaling.address)
-    plan = plan_for(base)
+    plan = plan_for(base, trials=sweep_trials(cfg, space))
     table = plan.table()
     print(table, flush=True)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=str(sweep_dir)),
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=str(sweep_dir),
+                             folds_at_once=plan.folds_at_once),
         plan.trial_resources)
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,

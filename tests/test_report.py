@@ -115,6 +115,36 @@ def test_report_lists_failures_exports_best_and_tests_only_at_the_end(tmp_path: 
     assert "| 3 | " in printed and "final evaluation:" not in printed
 
 
+def test_folds_side_by_side_score_exactly_what_they_score_one_after_another(
+        tmp_path: Path, data_root, local_ray) -> None:
+    """One trial on 2 CPUs with half a CPU per fold: the planner gives it its 3 folds at once,
+    one in the trial process and two as Ray tasks in its placement group; they overlap in
+    time and report what the trial process scores training them in turn."""
+    root, _ = data_root
+    common = ["data.shots=6", "data.folds=3", "data.val_shots=0", "tune.num_samples=1",
+              "tune.space={optim.lr: 'grid[5e-2]'}", "train.save_checkpoints=false",
+              "scaling.cpus_per_worker=0.5", "train.epochs=800"]  # ~1 s a fold
+    ran = {}
+    for mode, at_once in (("side", 0), ("turns", 1)):
+        cfg = recipe(tmp_path, root, *common, f"tune.parallel_folds={at_once}",
+                     f"tune.name={mode}")
+        outcome = run_sweep(cfg)
+        assert (outcome.trials, outcome.errors) == (1, 0)
+        sweep = sweep_dir_of(cfg)
+        [rows] = results(sweep)
+        [trial] = [json.loads((p / "trial.json").read_text()) for p in (sweep / "runs").iterdir()]
+        ran[mode] = ([r["val/accuracy_fold"] for r in rows], trial)
+        assert [r["fold"] for r in rows] == [1, 2, 3]
+    (side, trial), (turns, alone) = ran["side"], ran["turns"]
+    assert side == turns
+    assert (trial["folds_at_once"], alone["folds_at_once"]) == (3, 1)
+    assert {f["pid"] for f in alone["folds"]} == {alone["pid"]}
+    pids = [f["pid"] for f in trial["folds"]]
+    assert pids[0] == trial["pid"] and len(set(pids)) == 3
+    tasks = trial["folds"][1:]  # started together (the trial's own fold may end first: its
+    assert max(f["started"] for f in tasks) < min(f["ended"] for f in tasks)  # process is warm)
+
+
 def test_kfold_trials_report_the_fold_mean_and_std(tmp_path: Path, data_root, local_ray) -> None:
     root, _ = data_root
     cfg = recipe(tmp_path, root, "data.shots=6", "data.folds=3", "data.val_shots=0",

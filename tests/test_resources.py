@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from cluster.resources import DRIVER_CPUS, Node, TrialNeeds, plan_trial_resources
+from cluster.resources import (
+    DRIVER_CPUS,
+    Node,
+    TrialNeeds,
+    plan_folds,
+    plan_trial_resources,
+)
 from trainers.errors import ClusterError
 from trainers.recipe import load_config
 
@@ -116,3 +124,47 @@ def test_plan_table_names_every_node_and_what_it_hosts() -> None:
     assert set(rows) == {"head", "gpu-a", "gpu-b"}
     assert "t1:driver t2:driver" in rows["head"]
     assert "t1:w0,1" in rows["gpu-a"] and "t2:w0,1" in rows["gpu-b"]
+
+
+# --------------------------------------------------------------------------------------------
+# k-fold trials: folds side by side only where every trial already has its slot
+
+
+def folds_recipe(*overrides: str):
+    return load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny-digits.yaml",
+                       ["data.folds=4", "data.val_shots=0", *overrides])
+
+
+def fold_plan(nodes: list, trials: int, *overrides: str):
+    cfg = folds_recipe(*overrides)
+    sequential = plan_trial_resources(nodes, TrialNeeds.from_config(cfg),
+                                      cap=cfg.tune.max_concurrent)
+    return plan_folds(nodes, cfg, trials, sequential)
+
+
+def test_folds_run_side_by_side_only_with_room_left_by_the_trials() -> None:
+    alone = fold_plan([{"CPU": 8}], trials=1)
+    assert alone.folds_at_once == 4 and alone.max_concurrent >= 1
+    assert alone.trial_resources.bundles == [{"CPU": 1.0}] * 4  # the trial trains fold 1
+    assert fold_plan([{"CPU": 8}], trials=2).folds_at_once == 4
+    # two trials on 6 CPUs: 3 folds each would fit, but 3 + 1 takes as long as 2 + 2
+    assert fold_plan([{"CPU": 6}], trials=2).folds_at_once == 2
+    crowded = fold_plan([{"CPU": 8}], trials=8)  # trials fill the cluster: folds in turn
+    assert crowded.folds_at_once == 1 and crowded.trial_resources == {"CPU": 1.0}
+    # one GPU: one fold at a time, whatever the CPUs
+    gpu = ["scaling.use_gpu=true", "scaling.gpus_per_worker=1"]
+    assert fold_plan([{"CPU": 16, "GPU": 1}], 1, *gpu).folds_at_once == 1
+    two = fold_plan([{"CPU": 16, "GPU": 2}], 1, *gpu)
+    assert two.folds_at_once == 2 and two.trial_resources.bundles == [{"CPU": 1.0, "GPU": 1}] * 2
+    # half a GPU per fold: separate processes, not NCCL ranks, so shares are fine
+    assert fold_plan([{"CPU": 16, "GPU": 1}], 1, "scaling.use_gpu=true",
+                     "scaling.gpus_per_worker=0.5").folds_at_once == 2
+
+
+def test_parallel_folds_setting_is_obeyed_or_refused_in_one_line() -> None:
+    assert fold_plan([{"CPU": 8}], 1, "tune.parallel_folds=1").folds_at_once == 1
+    assert fold_plan([{"CPU": 8}], 8, "tune.parallel_folds=2").folds_at_once == 2
+    assert fold_plan([{"CPU": 8}], 1, "scaling.num_workers=2").folds_at_once == 1  # Ray Train
+    assert fold_plan([{"CPU": 2}], 1).folds_at_once == 2  # two 1-CPU folds on 2 CPUs
+    with pytest.raises(ClusterError, match="3 folds at once"):
+        fold_plan([{"CPU": 2}], 1, "tune.parallel_folds=3")

@@ -265,6 +265,10 @@ class TuneConfig:
     reuse_runners: bool = _f(True, help="in-process trials (scaling.num_workers=0) run one after "
                              "another in warm processes that keep imports, data and pretrained "
                              "weights; false = a fresh process per trial")
+    parallel_folds: int = _f(0, lo=0, help="k-fold trials (data.folds > 1, in-process): folds "
+                             "trained at once, each in a Ray task inside the trial's placement "
+                             "group; 0 = as many as the cluster has room for once every trial "
+                             "has its slot, 1 = one after another in the trial process")
     name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
 
