@@ -33,10 +33,13 @@ PURE = ("strategy", "train", "evaluate")
 MODES = {"fresh": "false", "warm": "true"}
 
 
-def run_selection(out: Path, mode: str) -> dict[str, Any]:
+def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One ``launch.py tune`` of the README's selection in a new process (``extra``: more
+    overrides), timed; what its runs spent per phase."""
     cmd = [sys.executable, "launch.py", "tune", "configs/fewshot-minilm.yaml", "data.folds=2",
            f"data.root={SST2}", f"train.output_dir={out}", f"tune.name=select-{mode}",
-           "tune.final_seeds=1", f"tune.reuse_runners={MODES[mode]}", "--overwrite"]
+           "tune.final_seeds=1", f"tune.reuse_runners={MODES.get(mode, 'true')}", *extra,
+           "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
@@ -50,11 +53,12 @@ def run_selection(out: Path, mode: str) -> dict[str, Any]:
     timings = [json.loads(p.read_text()).get("timings", {}) for p in runs]
     pure = sum(t.get(k, 0.0) for t in timings for k in PURE)
     fit_total = sum(sum(t.values()) for t in timings)
-    pids = {json.loads(p.read_text())["pid"] for p in sweep.glob("runs/*/trial.json")}
+    trials = [json.loads(p.read_text()) for p in sweep.glob("runs/*/trial.json")]
+    pids = {t["pid"] for t in trials}
     plan = re.search(r"resource plan: (\d+) trial", proc.stdout)
     return {"wall_s": round(wall, 1), "concurrency": int(plan.group(1)) if plan else None, "runs": len(runs), "pure_training_s": round(pure, 1),
             "fit_total_s": round(fit_total, 1), "ratio": round(wall / pure, 2),
-            "trial_processes": len(pids),
+            "trial_processes": len(pids), "trials": trials,
             "phases_s": {k: round(sum(t.get(k, 0.0) for t in timings), 2)
                          for k in dict.fromkeys(k for t in timings for k in t)}}
 
