@@ -295,8 +295,6 @@ def by_step(history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {r["step"]: r for r in history}
 
 
-@pytest.mark.xfail(reason="flaky: failed 1 of 4 module runs on 2026-12-02 (passed alone and in "
-                   "the full suite); not yet diagnosed", strict=False)
 def test_worker_killed_mid_epoch_matches_an_undisturbed_run(cluster: ClusterHandle, ledger,
                                                             tmp_path: Path) -> None:
     from cluster.train import train_distributed
@@ -311,11 +309,13 @@ def test_worker_killed_mid_epoch_matches_an_undisturbed_run(cluster: ClusterHand
                                          cfg.run_dir, 0, 30)
     assert killed, "no mid-epoch moment with 2 stored checkpoints was caught"
     history = rows(cfg.run_dir)
-    restarts = [i for i in range(1, len(history))
-                if history[i]["time_s"] < history[i - 1]["time_s"]]
-    assert len(restarts) == 1, [(r["step"], r["time_s"]) for r in history]
-    resumed_step = history[restarts[0]]["step"] - cfg.train.eval_every
+    # the restarted group says where it resumed (the rows after its checkpoint were dropped and
+    # redone, so the run's clock need not go back: no restart shows in the rows themselves)
+    after = json.loads((cfg.run_dir / "workers" / "rank-0.json").read_text())
+    assert after["pid"] != killed["pid"] and after["resumed_from"] is not None
+    resumed_step = after["resumed_from"]["global_step"]
     assert 5 <= resumed_step <= 30 and resumed_step % 7, resumed_step  # a mid-epoch checkpoint
+    assert [r["step"] for r in history] == sorted({r["step"] for r in history})  # each once
     assert result.metrics["steps"] == 42 and result.metrics["epochs"] == 6
 
     mine, ref = by_step(history), by_step(rows(steady.run_dir))
