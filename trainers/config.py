@@ -82,6 +82,11 @@ class DataConfig:
         if self.folds and self.fold >= self.folds:
             raise ConfigError(f"data.fold: {self.fold} out of range for data.folds={self.folds} "
                               f"(allowed 0..{self.folds - 1})")
+        if self.folds and self.val_shots:
+            raise ConfigError(f"data.folds={self.folds} with data.val_shots={self.val_shots}: "
+                              f"k-fold validates on the K shots themselves, the held-out "
+                              f"examples would go unused; set data.val_shots=0 (or "
+                              f"data.folds=0)")
         if self.folds and self.shots is not None and self.shots < self.folds:
             raise ConfigError(f"data.folds: {self.folds} folds need at least {self.folds} shots "
                               f"per class, data.shots={self.shots}")

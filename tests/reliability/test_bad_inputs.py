@@ -108,6 +108,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("fractional multi-GPU", ["train", TINY, "scaling.num_workers=2", "scaling.use_gpu=true",
                                   "scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker"),
         ("fold out of range", ["train", TINY, "data.folds=3", "data.fold=3"], "data.fold"),
+        ("folds beside a held-out set", ["train", TINY, "data.folds=2", "data.val_shots=4"],
+         "data.folds=2 with data.val_shots=4"),
         ("missing data root", ["train", TINY, "data.format=text", f"data.root={tmp}/none"],
          "data.root"),
         ("missing weights file", ["train", TINY, f"model.weights={tmp}/none.th"], "model.weights"),
