@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,10 @@ def train_distributed(cfg: RunConfig) -> DistributedResult:
         check_fits(cfg, ensure_ray(cfg.scaling.address))
         if not cfg.train.resume and "://" not in storage_dir:
             shutil.rmtree(storage_dir, ignore_errors=True)  # fresh run: no stale restore
+        called = time.time()
         result = build_trainer(cfg).fit()
+        io.write_json(cfg.run_dir / "workers" / "driver.json",
+                      {"fit_called": called, "fit_returned": time.time()})
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -151,6 +155,7 @@ def finished_result(cfg: RunConfig, storage_dir: str) -> DistributedResult | Non
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: rebuild the config, then run the one training loop."""
+    entered = time.time()
     import ray.train
     import torch
 
@@ -179,8 +184,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
         row = final_row(metrics, cfg.train.monitor)
         row["finished"] = 1  # not "done": Tune reads that key as "stop this trial"
-        send = folder is not None and rank == 0
-        ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)) if send else None)
+        if rank != 0:
+            ray.train.report(row, checkpoint=None)
+            return
+        # Train keeps only the metrics of reports that carry a checkpoint: without saved
+        # weights (train.save_checkpoints=false) rank 0 sends a folder holding the row alone
+        with tempfile.TemporaryDirectory(prefix="smallshot-final-") as tmp:
+            if folder is None:
+                folder = io.write_json(Path(tmp) / "final.json", row).parent
+            ray.train.report(row, checkpoint=Checkpoint.from_directory(str(folder)))
 
     resume = local = None
     checkpoint = ray.train.get_checkpoint()
@@ -189,11 +201,13 @@ def train_worker(config: dict[str, Any]) -> None:
         resume = Path(checkpoint.to_directory(str(local)))
         # a restarted worker group continues this run: keep its folder (best pointer, metrics)
         cfg = cfg.replace({"train.resume": True})
-    record_placement(cfg, rank, ctx, resume)
+    info = record_placement(cfg, rank, ctx, resume, entered)
     assert world()[1] == ctx.get_world_size()
     try:
         fit(cfg, Hooks(on_evaluation=report, on_finish=finish, resume_from=resume,
                        local_rank=ctx.get_local_rank(), lock=False))
+        info["fit_ended"] = time.time()
+        io.write_json(cfg.run_dir / "workers" / f"rank-{rank}.json", info, indent=None)
     finally:
         if local is not None:  # the downloaded copy (weights + optimizer state) is spent
             shutil.rmtree(local, ignore_errors=True)
@@ -213,9 +227,12 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(log_level())
 
 
-def record_placement(cfg: RunConfig, rank: int, ctx: Any, resume: Path | None) -> None:
-    """workers/rank-N.json: where each rank ran (node, host, pid, devices) and, for a restarted
-    worker group, the epoch and step of the checkpoint it continued from."""
+def record_placement(cfg: RunConfig, rank: int, ctx: Any, resume: Path | None,
+                     entered: float) -> dict[str, Any]:
+    """workers/rank-N.json: where each rank ran (node, host, pid, devices), when (its process
+    started, the worker function was entered, fit began and ended: where start-up goes) and,
+    for a restarted worker group, the epoch and step of the checkpoint it continued from."""
+    import psutil
     import ray
 
     folder = cfg.run_dir / "workers"
@@ -223,8 +240,11 @@ def record_placement(cfg: RunConfig, rank: int, ctx: Any, resume: Path | None) -
     info = {"rank": rank, "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
             "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
             "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "resumed_from": None}
+            "resumed_from": None, "process_started": psutil.Process().create_time(),
+            "entered": entered}
     if resume is not None and (resume / "progress.json").is_file():
         progress = io.read_json(resume / "progress.json")
         info["resumed_from"] = {k: progress.get(k) for k in ("epoch", "global_step")}
+    info["fit_started"] = time.time()
     io.write_json(folder / f"rank-{rank}.json", info, indent=None)
+    return info

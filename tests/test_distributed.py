@@ -90,6 +90,27 @@ def test_resume_of_a_finished_run_returns_its_result_without_training(ddp_run) -
             ) == before
 
 
+def test_one_worker_without_saved_weights_returns_its_metrics_and_start_up_record(
+        local_ray, tmp_path: Path) -> None:
+    """Train keeps only the metrics of reports with a checkpoint: a run that saves no weights
+    must still hand back its final metrics (the CLI printed nothing, then failed, before)."""
+    from cluster.train import train_distributed
+
+    cfg = digits(tmp_path, "scaling.num_workers=1", "train.save_checkpoints=false",
+                 "train.epochs=2", "train.run_name=noweights")
+    result = train_distributed(cfg)
+    assert result.metrics["finished"] == 1 and result.metrics["epochs"] == 2
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
+    assert not list((result.run_dir / "checkpoints").glob("*/model*"))
+    rank0 = json.loads((result.run_dir / "workers" / "rank-0.json").read_text())
+    driver = json.loads((result.run_dir / "workers" / "driver.json").read_text())
+    order = [driver["fit_called"], rank0["entered"], rank0["fit_started"], rank0["fit_ended"],
+             driver["fit_returned"]]
+    assert order == sorted(order) and rank0["process_started"] <= rank0["entered"]
+    again = train_distributed(cfg.replace({"train.resume": True}))  # finished: not retrained
+    assert again.metrics == result.metrics
+
+
 def registered_checkpoints(storage: Path) -> int:
     """Checkpoints Ray has registered (a folder still uploading is not one to resume from)."""
     try:

@@ -1,0 +1,112 @@
+"""Where a short Ray Train run's time goes: ``launch.py train`` in process vs on 1 worker.
+
+A few-shot run (``configs/fewshot-minilm.yaml``: 16 SST-2 sentences, the contrastive stage and
+10 epochs) is started as a user starts it, each time in a new process (so ``ray.init`` of a
+local instance is included): in process (``scaling.num_workers=0``), and on Ray Train with one
+worker, the cases taking turns. For the Ray Train runs, the records a run leaves
+(``workers/driver.json``, ``workers/rank-0.json``) split the time after ``TorchTrainer.fit``
+is called: until the worker process exists (Train's controller and helper actors start), from
+there to the worker function (the process's imports, the worker group's set-up), to ``fit``
+(the function's imports, checkpoint check), ``fit`` itself, and back to the driver.
+
+    python -m benchmarks.train_startup               # ~5 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import markdown_table, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+SST2 = ROOT.parent / "shared" / "data" / "text" / "sst2"
+CASES = {  # name -> (overrides, extra environment)
+    "in process": (["scaling.num_workers=0"], {}),
+    "Ray Train, 1 worker": (["scaling.num_workers=1"], {}),
+    "Ray Train, 1 worker, no preemption watcher": (
+        ["scaling.num_workers=1"], {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
+}
+PHASES = (("to the worker process", "fit_called", "process_started"),
+          ("process start to worker function", "process_started", "entered"),
+          ("worker function to fit", "entered", "fit_started"),
+          ("fit", "fit_started", "fit_ended"),
+          ("back to the driver", "fit_ended", "fit_returned"))
+
+
+def run(out: Path, case: str, rep: int) -> dict[str, Any]:
+    overrides, env = CASES[case]
+    name = f"{'ray' if 'Ray' in case else 'local'}-{rep}-{len(env)}"
+    cmd = [sys.executable, "launch.py", "train", "configs/fewshot-minilm.yaml",
+           f"data.root={SST2}", f"train.output_dir={out}", f"train.run_name={name}",
+           "train.num_threads=1", "scaling.cpus_per_worker=1", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          check=False, env={**os.environ, **env, "PYTHONPATH": str(ROOT),
+                                            "RAY_AUTH_MODE": "disabled"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    res: dict[str, Any] = {"wall_s": round(wall, 2)}
+    workers = out / name / "workers"
+    if (workers / "driver.json").is_file():
+        times = {**json.loads((workers / "rank-0.json").read_text()),
+                 **json.loads((workers / "driver.json").read_text())}
+        res["phases_s"] = {p: round(times[b] - times[a], 2) for p, a, b in PHASES}
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    cases = res["cases"]
+    base = statistics.median(r["wall_s"] for r in cases["in process"])
+    rows = []
+    for case, reps in cases.items():
+        wall = statistics.median(r["wall_s"] for r in reps)
+        phases = [statistics.median(r["phases_s"][p] for r in reps) if "phases_s" in reps[0]
+                  else None for p, _, _ in PHASES]
+        rows.append([case, f"{wall:.1f}", f"{wall - base:+.1f}",
+                     *("—" if v is None else f"{v:.1f}" for v in phases)])
+    load = ", ".join(f"{x:.1f}" for x in res["load_average"])
+    return ("# Start-up of a short run: in process vs Ray Train with 1 worker\n\n"
+            f"`python -m benchmarks.train_startup --reps {res['reps']}`: `launch.py train "
+            "configs/fewshot-minilm.yaml` (16 SST-2 sentences, contrastive stage + 10 epochs, "
+            "300 test sentences), each run a new process as a user starts it (`ray.init` of a "
+            f"local instance included), the cases taking turns; medians over {res['reps']} "
+            "rep(s), seconds.\n\n"
+            + markdown_table(["case", "wall", "vs in process",
+                              *(p for p, _, _ in PHASES)], rows)
+            + "\nPhases (Ray Train only) come from the run's `workers/driver.json` and "
+            "`workers/rank-0.json`, counted from the moment `TorchTrainer.fit` is called.\n\n"
+            f"Machine: {res['machine']['cpus']} cores shared with other agents' jobs (load "
+            f"average {load} at the end): absolute times are noisy; the cases ran in turn in "
+            "one run.\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if not SST2.is_dir():
+        sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
+    cases: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+    with tempfile.TemporaryDirectory(prefix="smallshot-startup-") as tmp:
+        for rep in range(args.reps):
+            for case in CASES:
+                cases[case].append(run(Path(tmp), case, rep))
+                print(case, cases[case][-1], flush=True)
+    res = {"cases": cases, "reps": args.reps, "load_average": list(os.getloadavg()),
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    print(write_results("train_startup", res, markdown(res)).read_text())
+
+
+if __name__ == "__main__":
+    main()
