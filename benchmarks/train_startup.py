@@ -1,15 +1,17 @@
 """Where a short Ray Train run's time goes: ``launch.py train`` in process vs on 1 worker.
 
 A few-shot run (``configs/fewshot-minilm.yaml``: 16 SST-2 sentences, the contrastive stage and
-10 epochs) is started as a user starts it, each time in a new process (so ``ray.init`` of a
-local instance is included): in process (``scaling.num_workers=0``), and on Ray Train with one
-worker, the cases taking turns. For the Ray Train runs, the records a run leaves
+10 epochs) is started as a user starts it, each time in a new process: in process
+(``scaling.num_workers=0``); on Ray Train with one worker on a local instance the command
+starts (``ray.init`` included), with Train's preemption watcher on (Ray's default) and off (the
+default of smallshot's local instances); and on Ray Train with one worker on the instance
+``launch.py up`` keeps (the warm path); the cases taking turns. For the Ray Train runs, the records a run leaves
 (``workers/driver.json``, ``workers/rank-0.json``) split the time after ``TorchTrainer.fit``
 is called: until the worker process exists (Train's controller and helper actors start), from
 there to the worker function (the process's imports, the worker group's set-up), to ``fit``
 (the function's imports, checkpoint check), ``fit`` itself, and back to the driver.
 
-    python -m benchmarks.train_startup               # ~5 min on 2 cores
+    python -m benchmarks.train_startup               # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from benchmarks.common import markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT.parent / "shared" / "data" / "text" / "sst2"
+KEPT = "Ray Train, 1 worker, instance kept up (launch.py up)"
 CASES = {  # name -> (overrides, extra environment)
     "in process": (["scaling.num_workers=0"], {}),
+    "Ray Train, 1 worker, preemption watcher on (Ray's default)": (
+        ["scaling.num_workers=1"], {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}),
     "Ray Train, 1 worker": (["scaling.num_workers=1"], {}),
-    "Ray Train, 1 worker, no preemption watcher": (
-        ["scaling.num_workers=1"], {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
+    KEPT: (["scaling.num_workers=1"], {}),
 }
 PHASES = (("to the worker process", "fit_called", "process_started"),
           ("process start to worker function", "process_started", "entered"),
@@ -43,16 +47,22 @@ PHASES = (("to the worker process", "fit_called", "process_started"),
           ("back to the driver", "fit_ended", "fit_returned"))
 
 
+def launch_env(out: Path, kept: bool) -> dict[str, str]:
+    """Only the kept case sees the record of the instance ``launch.py up`` keeps."""
+    record = out / ("local-ray.json" if kept else "no-local-ray.json")
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+            "SMALLSHOT_LOCAL_RAY_FILE": str(record)}
+
+
 def run(out: Path, case: str, rep: int) -> dict[str, Any]:
     overrides, env = CASES[case]
-    name = f"{'ray' if 'Ray' in case else 'local'}-{rep}-{len(env)}"
+    name = f"case{list(CASES).index(case)}-{rep}"
     cmd = [sys.executable, "launch.py", "train", "configs/fewshot-minilm.yaml",
            f"data.root={SST2}", f"train.output_dir={out}", f"train.run_name={name}",
            "train.num_threads=1", "scaling.cpus_per_worker=1", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          check=False, env={**os.environ, **env, "PYTHONPATH": str(ROOT),
-                                            "RAY_AUTH_MODE": "disabled"})
+                          check=False, env={**launch_env(out, case == KEPT), **env})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -79,9 +89,10 @@ def markdown(res: dict[str, Any]) -> str:
     return ("# Start-up of a short run: in process vs Ray Train with 1 worker\n\n"
             f"`python -m benchmarks.train_startup --reps {res['reps']}`: `launch.py train "
             "configs/fewshot-minilm.yaml` (16 SST-2 sentences, contrastive stage + 10 epochs, "
-            "300 test sentences), each run a new process as a user starts it (`ray.init` of a "
-            f"local instance included), the cases taking turns; medians over {res['reps']} "
-            "rep(s), seconds.\n\n"
+            "300 test sentences, 1 thread), each run a new process as a user starts it "
+            "(`ray.init` of a local instance included, except on the instance kept up by "
+            f"`launch.py up`), the cases taking turns; medians over {res['reps']} rep(s), "
+            "seconds.\n\n"
             + markdown_table(["case", "wall", "vs in process",
                               *(p for p, _, _ in PHASES)], rows)
             + "\nPhases (Ray Train only) come from the run's `workers/driver.json` and "
@@ -99,10 +110,17 @@ def main() -> None:
         sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
     cases: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
     with tempfile.TemporaryDirectory(prefix="smallshot-startup-") as tmp:
-        for rep in range(args.reps):
-            for case in CASES:
-                cases[case].append(run(Path(tmp), case, rep))
-                print(case, cases[case][-1], flush=True)
+        keep = [sys.executable, "launch.py"]
+        subprocess.run([*keep, "up", "--num-cpus", "2"], cwd=ROOT, check=True,
+                       env=launch_env(Path(tmp), True))
+        try:
+            for rep in range(args.reps):
+                for case in CASES:
+                    cases[case].append(run(Path(tmp), case, rep))
+                    print(case, cases[case][-1], flush=True)
+        finally:
+            subprocess.run([*keep, "down"], cwd=ROOT, check=False,
+                           env=launch_env(Path(tmp), True))
     res = {"cases": cases, "reps": args.reps, "load_average": list(os.getloadavg()),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     print(write_results("train_startup", res, markdown(res)).read_text())

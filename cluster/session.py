@@ -5,13 +5,25 @@ workers and the dashboard), keeps Ray's token authentication on (Ray's default f
 starts) and keeps the token file private (0600), so nothing listens openly on the network.
 ``SMALLSHOT_RAY_NODE_IP`` / ``SMALLSHOT_DASHBOARD_HOST`` expose it deliberately.
 ``ray.init`` is only ever called from these functions, never at import time.
+
+``launch.py up`` keeps such an instance running in a background process (``serve_local``) and
+records its address in ``$SMALLSHOT_CACHE/local-ray.json``; commands with no address then
+connect to it instead of starting one each (the warm path for short runs: no start-up of a
+GCS, raylet and dashboard per command, and Ray's idle worker processes already there).
+``launch.py down`` stops it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +35,7 @@ NODE_IP_ENV = "SMALLSHOT_RAY_NODE_IP"
 # then listen on every interface) unless this switch, meant for single-machine macOS/Windows
 # installs, is off; with it off, every component binds to 127.0.0.1.
 RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, float]:
@@ -31,6 +44,13 @@ def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, flo
 
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
+        kept = None if target else running_local()
+        if kept is not None:
+            target = kept["address"]
+            print(f"using the local Ray instance kept up by `launch.py up` at {target} "
+                  "(`launch.py down` stops it)", flush=True)
+            if target.startswith("127.0.0.1:"):
+                bind_to_loopback()  # else this driver would look for it at the machine's IP
         try:
             if target:
                 ray.init(address=target, log_to_driver=True)
@@ -66,6 +86,9 @@ def start_local(ray: Any, kwargs: dict[str, Any]) -> None:
     port = free_port(node_ip or "127.0.0.1")
     started_with = {"RAY_GCS_SERVER_PORT": str(port),
                     "RAY_ADDRESS": f"{node_ip or '127.0.0.1'}:{port}"}
+    # Train's preemption watcher (an extra actor per run, observability only) watches for
+    # nodes being taken away, which a machine's own instance never sees; a user's value wins
+    started_with[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
     saved = {k: os.environ.get(k) for k in started_with}
     os.environ.update(started_with)
     try:
@@ -135,3 +158,108 @@ def tighten(path: Path) -> None:
             path.chmod(0o600)
     except OSError:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# A local instance kept up between commands (launch.py up / down)
+
+
+def kept_file() -> Path:
+    """Where the kept instance is recorded ($SMALLSHOT_LOCAL_RAY_FILE moves it: the tests do)."""
+    if os.environ.get("SMALLSHOT_LOCAL_RAY_FILE"):
+        return Path(os.environ["SMALLSHOT_LOCAL_RAY_FILE"])
+    return Path(os.environ.get("SMALLSHOT_CACHE") or Path.home() / ".cache" / "smallshot"
+                ) / "local-ray.json"
+
+
+def running_local() -> dict[str, Any] | None:
+    """The record of the instance ``launch.py up`` keeps, if its process and GCS are alive."""
+    path = kept_file()
+    try:
+        record = json.loads(path.read_text())
+        os.kill(int(record["pid"]), 0)
+        host, port = record["address"].rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def keep_local_up(num_cpus: int | None = None, num_gpus: int | None = None,
+                  timeout: float = 120.0) -> dict[str, Any]:
+    """Start ``serve_local`` in a detached process and wait until its instance answers."""
+    record = running_local()
+    if record is not None:
+        return {**record, "already": True}
+    path = kept_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    log = path.with_suffix(".log")
+    args = [sys.executable, "-m", "cluster.session", json.dumps(
+        {"num_cpus": num_cpus, "num_gpus": num_gpus})]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = running_local()
+        if record is not None:
+            return {**record, "already": False}
+        if proc.poll() is not None:
+            last = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
+            raise ClusterError(f"the local Ray instance did not start ({log}): {last[:200]}")
+        time.sleep(0.5)
+    proc.terminate()
+    raise ClusterError(f"the local Ray instance did not answer within {timeout:.0f} s ({log})")
+
+
+def stop_kept_local(timeout: float = 60.0) -> dict[str, Any] | None:
+    """Stop the instance ``launch.py up`` keeps; None when none runs."""
+    path = kept_file()
+    record = running_local()
+    if record is None:
+        path.unlink(missing_ok=True)  # a stale record of an instance that is gone
+        return None
+    os.kill(int(record["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(record["pid"]), 0)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return record
+        time.sleep(0.2)
+    raise ClusterError(f"the local Ray instance (pid {record['pid']}) did not stop within "
+                       f"{timeout:.0f} s")
+
+
+def serve_local(options: dict[str, Any]) -> None:
+    """The kept instance's own process: start it as every local start, record it, wait."""
+    import ray
+
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    start_local(ray, kwargs)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctx = ray.get_runtime_context()
+    record = {"address": ctx.gcs_address, "pid": os.getpid(), "started": time.time(),
+              "dashboard": ray._private.worker.get_dashboard_url(),
+              "resources": dict(ray.cluster_resources())}
+    path = kept_file()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        path.unlink(missing_ok=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":  # the background process of keep_local_up
+    serve_local(json.loads(sys.argv[1]))

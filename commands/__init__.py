@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train", "The embedded default: a small MiniLM sweep on SST-2, then its report"),
     "tune": ("tune", "Run a Ray Tune sweep described by the recipe's tune section"),
     "report": ("tune", "Leaderboard, plots and best-config export of a sweep folder"),
+    "up": ("local", "Keep a local Ray instance running: later commands connect to it"),
+    "down": ("local", "Stop the local Ray instance that `up` keeps"),
     "submit": ("jobs", "Submit a recipe to a running Ray cluster (Ray Jobs API)"),
     "status": ("jobs", "Status of a submitted job"),
     "logs": ("jobs", "Logs of a submitted job (--follow to tail)"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a user's `launch.py up` instance is never what a test connects to
+os.environ["SMALLSHOT_LOCAL_RAY_FILE"] = os.path.join(
+    tempfile.mkdtemp(prefix="smallshot-tests-"), "local-ray.json")
 
 
 def need_shared(*parts: str) -> Path:
