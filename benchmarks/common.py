@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,26 @@ from trainers import io
 from trainers.metrics import mean_std  # noqa: F401  (the benchmarks' one mean ± sample std)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SST2 = RESULTS.parent.parent.parent / "shared" / "data" / "text" / "sst2"
+
+
+def need_sst2() -> Path:
+    """The shared SST-2 folder, or exit with one line saying where it should be."""
+    if not SST2.is_dir():
+        sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
+    return SST2
+
+
+def in_turn(names: list[str], reps: int, run_one: Callable[[str, int], dict[str, Any]]
+            ) -> dict[str, list[dict[str, Any]]]:
+    """Each case once per rep, the cases taking turns (so slow drifts of a shared machine hit
+    them alike); prints each result as it comes."""
+    out: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rep in range(reps):
+        for name in names:
+            out[name].append(run_one(name, rep))
+            print(name, out[name][-1], flush=True)
+    return out
 
 
 def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import SST2, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "text" / "sst2"
 PURE = ("strategy", "train", "evaluate")
 MODES = {"fresh": "false", "warm": "true"}
 

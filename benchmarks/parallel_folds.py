@@ -19,13 +19,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
-from benchmarks.fewshot_selection import SST2, run_selection
+from benchmarks.common import in_turn, markdown_table, need_sst2, write_results
+from benchmarks.fewshot_selection import run_selection
 
 MODES = {"side by side": 0, "one after another": 1}
 ONE_CONFIG = "tune.space={model.strategy: 'grid[contrastive]', train.epochs: 'grid[10]'}"
@@ -83,14 +82,10 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
-    if not SST2.is_dir():
-        sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
-    modes: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    need_sst2()
     with tempfile.TemporaryDirectory(prefix="smallshot-folds-") as tmp:
-        for rep in range(args.reps):
-            for mode in MODES:
-                modes[mode].append(run(Path(tmp), mode, args.folds, rep))
-                print(mode, modes[mode][-1], flush=True)
+        modes = in_turn(list(MODES), args.reps,
+                        lambda m, rep: run(Path(tmp), m, args.folds, rep))
     res = {"modes": modes, "folds": args.folds, "reps": args.reps,
            "same_scores": len({tuple(r["fold_scores"]) for reps in modes.values()
                                for r in reps}) == 1, "load_average": list(os.getloadavg()),

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import SST2, markdown_table, write_results
 from trainers.config import RunConfig
 from trainers.metrics import mean_std
 from trainers.recipe import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SST2 = CONFIGS.parent.parent / "shared" / "data" / "text" / "sst2"
 METRIC = "val/accuracy"
 BUDGET = 2  # searcher trials per grid config
 

@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import SST2, in_turn, markdown_table, need_sst2, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "text" / "sst2"
 KEPT = "Ray Train, 1 worker, instance kept up (launch.py up)"
 CASES = {  # name -> (overrides, extra environment)
     "in process": (["scaling.num_workers=0"], {}),
@@ -106,18 +105,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    if not SST2.is_dir():
-        sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
-    cases: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+    need_sst2()
     with tempfile.TemporaryDirectory(prefix="smallshot-startup-") as tmp:
         keep = [sys.executable, "launch.py"]
         subprocess.run([*keep, "up", "--num-cpus", "2"], cwd=ROOT, check=True,
                        env=launch_env(Path(tmp), True))
         try:
-            for rep in range(args.reps):
-                for case in CASES:
-                    cases[case].append(run(Path(tmp), case, rep))
-                    print(case, cases[case][-1], flush=True)
+            cases = in_turn(list(CASES), args.reps, lambda c, rep: run(Path(tmp), c, rep))
         finally:
             subprocess.run([*keep, "down"], cwd=ROOT, check=False,
                            env=launch_env(Path(tmp), True))
