@@ -131,13 +131,15 @@ def bench_worker(config: dict[str, Any]) -> None:
 
     def after_step(row: dict[str, Any], _folder: Any) -> None:
         marks.append((time.perf_counter(), _status_kib("VmRSS")))
-        if row["step"] == cfg.train.max_steps:
-            gc.collect()
-            record["rss_after_kib"] = _status_kib("VmRSS")
-            (record["tensor_bytes"], record["optimizer_bytes"],
-             record["buffer_bytes"]) = live_tensor_bytes()
 
-    result = fit(cfg, Hooks(on_evaluation=after_step,
+    def at_finish(row: dict[str, Any], _folder: Any) -> None:
+        # the last step's evaluation comes here, not to on_evaluation; the model still lives
+        gc.collect()
+        record["rss_after_kib"] = _status_kib("VmRSS")
+        (record["tensor_bytes"], record["optimizer_bytes"],
+         record["buffer_bytes"]) = live_tensor_bytes()
+
+    result = fit(cfg, Hooks(on_evaluation=after_step, on_finish=at_finish,
                             local_rank=ray.train.get_context().get_local_rank()))
     times = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
     from trainers.adapters import count_parameters  # noqa: F401  (params counted by the driver)
