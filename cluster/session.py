@@ -166,10 +166,11 @@ def tighten(path: Path) -> None:
 
 def kept_file() -> Path:
     """Where the kept instance is recorded ($SMALLSHOT_LOCAL_RAY_FILE moves it: the tests do)."""
+    from trainers.io import cache_root
+
     if os.environ.get("SMALLSHOT_LOCAL_RAY_FILE"):
         return Path(os.environ["SMALLSHOT_LOCAL_RAY_FILE"])
-    return Path(os.environ.get("SMALLSHOT_CACHE") or Path.home() / ".cache" / "smallshot"
-                ) / "local-ray.json"
+    return cache_root() / "local-ray.json"
 
 
 def running_local() -> dict[str, Any] | None:
@@ -249,10 +250,9 @@ def serve_local(options: dict[str, Any]) -> None:
     record = {"address": ctx.gcs_address, "pid": os.getpid(), "started": time.time(),
               "dashboard": ray._private.worker.get_dashboard_url(),
               "resources": dict(ray.cluster_resources())}
-    path = kept_file()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    from trainers.io import write_json
+
+    path = write_json(kept_file(), record)  # atomic: a reader never sees half a record
     try:
         while not stop.wait(1.0):
             pass

@@ -28,6 +28,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """smallshot's folder for what outlives a run (assembled weights, the kept Ray record)."""
+    return Path(os.environ.get("SMALLSHOT_CACHE") or Path.home() / ".cache" / "smallshot")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
     """``obj`` as JSON, atomically; values JSON cannot hold are written as their str()."""
     return write_text(path, json.dumps(obj, indent=indent, default=str))

