@@ -133,17 +133,36 @@ def _test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("test/")}
 
 
+# self-training: the unlabelled pool is the train split's undrawn rest (labels dropped), and
+# whether to self-train is one more axis of the CV grid
+UNLABELED = ["data.unlabeled=rest", "data.max_unlabeled=1000", "selftrain.per_class=16"]
+SELFTRAIN_AXIS = {"selftrain.rounds": "grid[0, 2]"}
+
+
 @register_method("smallshot")
-def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
+                  unlabeled: bool = False) -> dict[str, Any]:
     from trainers.loop import fit
     from trainers.recipe import load_config
 
-    cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides))
+    cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides)
+                      + (UNLABELED if unlabeled else []))
+    if unlabeled:
+        cfg = cfg.replace({"tune.space": {**cfg.tune.space, **SELFTRAIN_AXIS}},
+                          source="self-training axis")
     selection = select_by_sweep(cfg, args.folds, cell.metric, Path(out) / "select")
     final = fit(cfg.replace({**selection["params"], "train.run_name": "final"},
                             source="selected by few-shot CV"))
     return {"test": _test_metrics(final.metrics), "selection": selection,
             "recipe": str(RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
+
+
+@register_method("smallshot+unlabeled")
+def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
+                     ) -> dict[str, Any]:
+    """smallshot's selection with self-training on the undrawn rest of the train split as one
+    more CV choice (its own column: it sees unlabelled text the others do not)."""
+    return run_smallshot(cell, root, out, args, unlabeled=True)
 
 
 @register_method("full-ft")
@@ -227,6 +246,7 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                 summary.setdefault(f"{ds}/N={n}", {})[m] = dict(zip(("mean", "std"), mean_std(v)),
                                                                 seeds=len(v))
         table.append([ds, str(n), DATASETS.get(ds, "accuracy"), *cells])
+    diffs = paired_differences(rows, methods, "setfit")
     secs = {m: statistics.fmean([r["seconds"] for r in rows if r["method"] == m])
             for m in methods if any(r["method"] == m for r in rows)}
     md = (f"# {title}\n\n{plan['note']}\n\n"
@@ -234,7 +254,55 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
           + "\nMean ± std over few-shot seeds (n = seeds finished). Mean wall time per cell: "
           + ", ".join(f"{m} {s:.0f} s" for m, s in secs.items())
           + f" ({plan['machine']}).\n")
+    if diffs:
+        others = [m for m in methods if m != "setfit"]
+        md += ("\nPaired per-draw differences against setfit (same draw, same test examples), "
+               "points: mean ± std (draws won / draws).\n\n" + markdown_table(
+                   ["dataset", "N/class", *[f"{m} - setfit" for m in others]],
+                   [[key.split("/N=")[0], key.split("/N=")[1],
+                     *[(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
+                        if (d := by.get(m)) else "—") for m in others]]
+                    for key, by in diffs.items()]))
+    picks = selection_counts(rows)
+    if picks:
+        md += ("\nWhat the CV picked, per dataset and N (times chosen over the draws):\n\n"
+               + markdown_table(["method", "dataset", "N/class", "choices"],
+                                [[m, ds, str(n), "; ".join(f"{c} x {k}" for k, c in counts)]
+                                 for (m, ds, n), counts in picks.items()]))
     return summary, md
+
+
+def selection_counts(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], list]:
+    """How often each grid point won the CV, per (method, dataset, N), most frequent first."""
+    from collections import Counter
+
+    out: dict[tuple[str, str, int], Counter] = {}
+    for r in rows:
+        if "selection" in r:
+            params = ", ".join(f"{k.split('.')[-1]}={v}"
+                               for k, v in sorted(r["selection"]["params"].items()))
+            out.setdefault((r["method"], r["dataset"], r["shots"]), Counter())[params] += 1
+    return {k: c.most_common() for k, c in sorted(out.items(), key=lambda kv: (kv[0][2],
+                                                                               kv[0][1], kv[0][0]))}
+
+
+def paired_differences(rows: list[dict[str, Any]], methods: list[str], baseline: str
+                       ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per (dataset, N): each method's value minus the baseline's on the same draws."""
+    value = {(r["dataset"], r["shots"], r["seed"], r["method"]): r["value"] for r in rows}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for ds, n in sorted({(r["dataset"], r["shots"]) for r in rows}, key=lambda k: (k[1], k[0])):
+        for m in methods:
+            if m == baseline:
+                continue
+            d = [value[ds, n, s, m] - value[ds, n, s, baseline]
+                 for (ds2, n2, s, m2) in value if (ds2, n2, m2) == (ds, n, m)
+                 and (ds, n, s, baseline) in value]
+            if d:
+                mean, std = mean_std(d)
+                out.setdefault(f"{ds}/N={n}", {})[m] = {"mean": mean, "std": std, "n": len(d),
+                                                         "wins": sum(x > 0 for x in d)}
+    return out
 
 
 def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
@@ -294,9 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     methods = list(args.methods)
-    if "setfit" in methods and not setfit_available():
-        print("setfit is not installed (pip install -r requirements-bench.txt): skipping it")
-        methods.remove("setfit")
+    no_setfit = "setfit" in methods and not setfit_available()
+    if no_setfit:
+        print("setfit is not installed (pip install -r requirements-bench.txt): only its cached "
+              "cells are reported")
     results_dir = Path(args.results_dir)
     cache = results_dir / "fewshot_text_cells"
     cells = plan_cells(args, methods)
@@ -304,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, skipped = [], 0
     for cell in cells:
         cached = (cache / f"{cell.key}.json").is_file()
-        if (not cached and args.budget_min is not None
-                and time.perf_counter() - t0 > 60 * args.budget_min):
+        if not cached and ((args.budget_min is not None
+                            and time.perf_counter() - t0 > 60 * args.budget_min)
+                           or (no_setfit and cell.method == "setfit")):
             skipped += 1
             continue
         row = run_cell(cell, args, cache)
@@ -314,15 +384,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{', cached' if cached else ''})", flush=True)
     planned = f"{len(args.datasets)} datasets x N in {args.shots} x {args.seeds} seeds"
     note = (f"Planned: {planned} x {len(methods)} methods; finished {len(rows)} of {len(cells)} "
-            f"cells{f' ({skipped} left for a later run: --budget-min reached)' if skipped else ''}"
+            f"cells{f' ({skipped} left for a later run)' if skipped else ''}"
             f". Test: fixed class-balanced subset of {args.max_test} test examples per dataset. "
             f"smallshot: {RECIPE.name}, its tune.space grid scored by {args.folds}-fold CV on the "
-            f"few-shot set (a Ray Tune sweep per cell). setfit: package defaults. full-ft: "
+            f"few-shot set (a Ray Tune sweep per cell). smallshot+unlabeled: the same grid x "
+            f"selftrain.rounds in {{0, 2}} (16 pseudo-labels per class per round) with up to 1000 "
+            f"undrawn train examples as unlabelled pool, labels dropped; its own column, since "
+            f"it sees text the others do not. setfit: package defaults. full-ft: "
             f"{BASELINE_RECIPE.name} defaults.")
     plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
     name = "fewshot_text_quick" if args.quick else "fewshot_text"
     summary, md = summarise(rows, methods, plan, "Few-shot text classification (MiniLM-L6)")
     payload = {"plan": {**vars(args), "note": note}, "methods": methods, "summary": summary,
+               "paired_vs_setfit": paired_differences(rows, methods, "setfit"),
                "cells": rows}
     global_results = results_dir.resolve() == RESULTS.resolve()
     if global_results:

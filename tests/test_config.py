@@ -145,3 +145,10 @@ def test_not_utf8_recipe(tmp_path):
 def test_from_dict_rejects_non_mapping():
     with pytest.raises(ConfigError):
         from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_one_search_space_entry_is_set_by_its_dotted_name(tmp_path):
+    cfg = load_config(CONFIGS / "tiny-digits.yaml", [
+        f"train.output_dir={tmp_path}", "tune.space={optim.lr: 'loguniform[1e-4, 1e-2]'}",
+        "tune.space.train.epochs=grid[1, 2]", "tune.space.optim.lr=grid[1e-3]"])
+    assert cfg.tune.space == {"optim.lr": "grid[1e-3]", "train.epochs": "grid[1, 2]"}

@@ -23,10 +23,13 @@ def test_selection_never_reads_the_test_split(tmp_path, local_ray):
     shutil.copy(src / "train.tsv", ds / "train.tsv")
     # a test split that cannot be parsed: anything that reads it fails loudly
     (ds / "test.tsv").write_text("label\tlabel_text\ttext\nnot-a-label\tx\tbroken row\n")
+    # self-training too: its pool is the train split's undrawn rest
     cfg = load_config(bench.RECIPE, [f"data.root={ds}", "data.shots=4", "data.max_length=16",
                                      "model.strategy_params.contrastive.iterations=1",
+                                     "data.unlabeled=rest", "data.max_unlabeled=40",
+                                     "selftrain.per_class=4", "train.epochs=1",
                                      "tune.space={model.strategy: 'grid[lp-ft, contrastive]', "
-                                     "train.epochs: 'grid[0, 1]'}",
+                                     "selftrain.rounds: 'grid[0, 1]'}",
                                      f"train.output_dir={tmp_path / 'runs'}"])
     # the Ray Tune sweep trains every grid point on both folds of the 8 few-shot examples
     selection = bench.select_by_sweep(cfg, folds=2, metric="accuracy", workdir=tmp_path / "sel")
@@ -75,3 +78,17 @@ def test_quick_run_of_setfit(tmp_path):
     (cell,) = payload["cells"]
     assert cell["method"] == "setfit" and 0.0 <= cell["value"] <= 1.0
     assert len(cell["train_lines"]) == 16
+
+
+def test_paired_differences_and_selection_counts():
+    rows = [{"dataset": "cr", "shots": 8, "seed": s, "method": m, "value": v,
+             **({"selection": {"params": {"model.strategy": p}}} if m == "smallshot" else {})}
+            for s, (a, b, p) in enumerate([(0.7, 0.6, "lp-ft"), (0.5, 0.6, "lp-ft"),
+                                           (0.9, 0.6, "contrastive")])
+            for m, v in (("smallshot", a), ("setfit", b))]
+    rows.append({"dataset": "cr", "shots": 8, "seed": 3, "method": "smallshot", "value": 1.0,
+                 "selection": {"params": {"model.strategy": "lp-ft"}}})  # setfit lacks seed 3
+    d = bench.paired_differences(rows, ["smallshot", "setfit"], "setfit")["cr/N=8"]["smallshot"]
+    assert (d["n"], d["wins"]) == (3, 2) and d["mean"] == pytest.approx(0.1)
+    picks = bench.selection_counts(rows)
+    assert picks == {("smallshot", "cr", 8): [("strategy=lp-ft", 3), ("strategy=contrastive", 1)]}

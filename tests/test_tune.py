@@ -312,3 +312,17 @@ def test_asha_sweep_of_eight_trials_stops_bad_ones_and_never_reads_test(tmp_path
     assert {p.name for p in rep.plots} == {"metric_vs_optim_lr.png", "learning_curves.png",
                                            "rung_survival.png"}
     assert math.isclose(rep.rows[0].score, max(r.score for r in rep.rows if r.score is not None))
+
+
+@pytest.mark.ray
+def test_self_training_is_chosen_by_cv_on_the_draw(tmp_path: Path, local_ray) -> None:
+    cfg = tiny(tmp_path, "data.unlabeled=rest", "data.val_shots=0", "data.folds=2",
+               "model.strategy=lp-ft", "selftrain.per_class=5", "train.epochs=1",
+               "tune.space={selftrain.rounds: 'grid[0, 2]'}", "tune.search=grid",
+               "tune.scheduler=none", "tune.num_samples=1", "tune.metric=val/accuracy",
+               "train.save_checkpoints=false", "tune.name=selftrain")
+    outcome = run_sweep(cfg)
+    assert outcome.trials == 2 and outcome.errors == 0
+    runs = sweep_dir_of(cfg) / "runs"
+    records = sorted(p.parent.name for p in runs.glob("*/fold-*/pseudo_labels.json"))
+    assert records == ["fold-0", "fold-1"]  # the rounds=2 trial self-trained on both folds

@@ -43,7 +43,7 @@ def check_files(cfg: RunConfig, skip: tuple[str, ...] = ()) -> None:
             if not f.metadata.get("path") or f"{name}.{f.name}" in skip:
                 continue
             value = getattr(section, f.name)
-            if value and not Path(value).exists():
+            if value and value not in f.metadata["keywords"] and not Path(value).exists():
                 raise ConfigError(f"{name}.{f.name}: {value!r} does not exist (a recipe's "
                                   f"relative paths are read from the recipe's folder, an "
                                   f"override's from the current folder)")

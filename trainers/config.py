@@ -24,9 +24,13 @@ __all__ = ["ConfigError", "RunConfig", "from_dict"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, lo: float | None = None,
-       hi: float | None = None, factory: Any = None, path_field: bool = False) -> Any:
-    """A dataclass field with its help text and inclusive numeric bounds."""
-    meta = {"help": help, "lo": lo, "hi": hi, "path": path_field}
+       hi: float | None = None, factory: Any = None, path_field: bool = False,
+       keywords: tuple[str, ...] = (), flat_keys: bool = False) -> Any:
+    """A dataclass field with its help text and inclusive numeric bounds (``keywords``: values
+    of a path field that are words, not paths; ``flat_keys``: a mapping keyed by dotted
+    names, so an override's rest of the key is one key)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "path": path_field, "keywords": keywords,
+            "flat_keys": flat_keys}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,6 +66,13 @@ class DataConfig:
     seed: int = _f(0, lo=0, help="seed of the few-shot draw")
     folds: int = _f(0, lo=0, help="k for stratified k-fold over the few-shot set (0 = off)")
     fold: int = _f(0, lo=0, help="which fold validates when folds > 0")
+    unlabeled: str | None = _f(None, help="unlabelled examples for self-training "
+                               "(selftrain.rounds): rest = the train split's examples that were "
+                               "not drawn, their labels dropped; or a text file (its text "
+                               "column; a label column is ignored); null = none",
+                               path_field=True, keywords=("rest",))
+    max_unlabeled: int = _f(2000, lo=1, help="use at most this many unlabelled examples (a "
+                            "seeded random subset)")
     max_length: int = _f(64, lo=8, hi=4096, help="tokenizer max length (text)")
     image_size: int | None = _f(None, lo=8, hi=1024, help="resize images to this square size")
     channels: int = _f(3, lo=1, hi=3, help="image channels after loading (1 or 3)")
@@ -90,6 +101,13 @@ class DataConfig:
         if self.folds and self.shots is not None and self.shots < self.folds:
             raise ConfigError(f"data.folds: {self.folds} folds need at least {self.folds} shots "
                               f"per class, data.shots={self.shots}")
+        if self.unlabeled == "rest" and self.test_split is None:
+            raise ConfigError("data.unlabeled=rest with data.test_split=null: the undrawn rest "
+                              "is the test set then; name a test split or an unlabelled file")
+        if self.unlabeled not in (None, "rest") and self.format != "text":
+            raise ConfigError(f"data.unlabeled={self.unlabeled!r}: an unlabelled file is read "
+                              f"as text (data.format=text); for data.format={self.format!r} "
+                              f"use data.unlabeled=rest")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ConfigError(f"data.mean/data.std: need {self.channels} values (data.channels), "
                               f"got {len(self.mean)}/{len(self.std)}")
@@ -232,6 +250,17 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class SelfTrainConfig:
+    rounds: int = _f(0, lo=0, hi=20, help="self-training rounds on data.unlabeled (0 = off): "
+                     "each round the probe head labels the unlabelled examples and is refitted "
+                     "on the labelled ones plus the most confident, class-balanced; fine-tuning "
+                     "epochs then train on both")
+    per_class: int = _f(16, lo=1, help="pseudo-labels added per class in each round")
+    threshold: float = _f(0.0, lo=0.0, hi=1.0, help="keep only pseudo-labels whose predicted "
+                          "probability is at least this")
+
+
+@dataclass(kw_only=True)
 class ScalingConfig:
     num_workers: int = _f(0, lo=0, hi=4096, help="Ray Train workers (0 = run in this process)")
     use_gpu: bool = _f(False, help="one GPU (or gpus_per_worker) per worker")
@@ -253,7 +282,9 @@ class ScalingConfig:
 @dataclass(kw_only=True)
 class TuneConfig:
     space: dict[str, Any] = _f(factory=dict, help="search space: dotted field -> "
-                               "choice[...] | uniform[a, b] | loguniform[a, b] | randint[a, b] | grid[...]")
+                               "choice[...] | uniform[a, b] | loguniform[a, b] | randint[a, b] | "
+                               "grid[...]; tune.space.<field>=<dist> adds or replaces one entry",
+                               flat_keys=True)
     search: str = _f("random", help="search algorithm (registry in cluster/tune.py): random, "
                      "grid, optuna")
     scheduler: str = _f("asha", help="trial scheduler (registry in cluster/tune.py): none, asha")
@@ -305,9 +336,16 @@ class RunConfig:
     optim: OptimConfig = _f(factory=OptimConfig, help="optimizer and schedule")
     augment: AugmentConfig = _f(factory=AugmentConfig, help="augmentation")
     train: TrainConfig = _f(factory=TrainConfig, help="training loop")
+    selftrain: SelfTrainConfig = _f(factory=SelfTrainConfig, help="self-training on "
+                                    "unlabelled examples")
     scaling: ScalingConfig = _f(factory=ScalingConfig, help="Ray Train scaling")
     tune: TuneConfig = _f(factory=TuneConfig, help="Ray Tune sweep")
     track: TrackConfig = _f(factory=TrackConfig, help="experiment tracking (TensorBoard, MLflow)")
+
+    def validate(self) -> None:
+        if self.selftrain.rounds and self.data.unlabeled is None:
+            raise ConfigError(f"selftrain.rounds={self.selftrain.rounds}: self-training needs "
+                              f"unlabelled examples; set data.unlabeled=rest or a file")
 
     # -- derived ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -342,7 +380,8 @@ class RunConfig:
             part = getattr(self, section)
             for f in dataclasses.fields(part):
                 value = getattr(part, f.name)
-                if f.metadata.get("path") and value and "://" not in value:
+                if (f.metadata.get("path") and value and "://" not in value
+                        and value not in f.metadata["keywords"]):
                     changes[f"{section}.{f.name}"] = os.path.abspath(value)
         if self.model.name.startswith("hf:"):
             changes["model.name"] = "hf:" + os.path.abspath(self.model.name[3:])
@@ -523,6 +562,13 @@ def set_dotted(raw: dict, key: str, value: Any, source: str, cls: type) -> None:
                 where = ".".join(parts[: i + 1])
                 raise ConfigError(f"{source}: {unknown_key(where, part, names)}")
             tp = _field_types(cls)[part]
+            flat = next(f for f in dataclasses.fields(cls) if f.name == part).metadata.get(
+                "flat_keys")
+            if flat and not last:  # tune.space.selftrain.rounds=... -> space["selftrain.rounds"]
+                child = node.get(part)
+                node[part] = {**(child if isinstance(child, dict) else {}),
+                              ".".join(parts[i + 1:]): value}
+                return
             cls = tp if dataclasses.is_dataclass(tp) else None
         if last:
             node[part] = value

@@ -64,6 +64,7 @@ class FewShotData:
     train: Split
     val: Split | None
     test: Split | None
+    unlabeled: Split | None = None  # data.unlabeled, labels -1 (self-training)
 
     @property
     def num_classes(self) -> int:
@@ -500,7 +501,31 @@ def load_dataset(cfg: DataConfig, with_test: bool = True) -> FewShotData:
         test = pool.take(rest) if rest else None
     if test is not None and cfg.max_test and len(test) > cfg.max_test:
         test = test.take(_stratified_subset(test.labels.tolist(), cfg.max_test, seed=0))
-    return FewShotData(modality, classes, pool.take(train_idx), val, test)
+    return FewShotData(modality, classes, pool.take(train_idx), val, test,
+                       load_unlabeled(cfg, pool, used))
+
+
+def load_unlabeled(cfg: DataConfig, pool: Split, used: set[int]) -> Split | None:
+    """data.unlabeled without labels: the train split's undrawn examples (``used``: every drawn
+    index, all k folds and the validation draw included) or a text file; at most
+    data.max_unlabeled of them, a random subset for the draw's seed."""
+    if cfg.unlabeled is None:
+        return None
+    if cfg.unlabeled == "rest":
+        split = pool.take([i for i in range(len(pool)) if i not in used])
+        inputs, sources = split.inputs, split.sources
+    else:
+        texts, _, sources, _ = read_text_file(Path(cfg.unlabeled), cfg.text_column, None, None,
+                                              hint="set data.text_column")
+        inputs = texts
+    n = len(sources) if sources else len(inputs)
+    keep = sorted(random.Random(cfg.seed + 104729).sample(range(n), min(n, cfg.max_unlabeled)))
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs[torch.as_tensor(keep, dtype=torch.long)]
+    else:
+        inputs = [inputs[i] for i in keep]
+    return Split(inputs, torch.full((len(keep),), -1, dtype=torch.long),
+                 [sources[i] for i in keep] if sources else [])
 
 
 # what a loader reads (the draw's fields - shots, seed, folds, max_test - act after loading)

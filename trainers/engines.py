@@ -338,15 +338,18 @@ class DeepSpeedEngine(Engine):
 
 BUCKET = 50_000_000  # most elements per communication bucket: 200 MB in fp32
 MIN_BUCKET = 1_000_000
+BUCKET_ALIGN = 64  # elements (MIN_BUCKET and BUCKET are multiples of it)
 
 
 def bucket_size(trained: int | None) -> int:
     """Elements per reduce/all-gather bucket: a tenth of the trained parameters, within
     [MIN_BUCKET, BUCKET]. ZeRO-3 allocates its gradient bucket up front, and a fixed 200 MB
-    one was 44 % of a 45 M-parameter model's per-worker model state (benchmarks/zero_memory)."""
+    one was 44 % of a 45 M-parameter model's per-worker model state (benchmarks/zero_memory).
+    A multiple of BUCKET_ALIGN: DeepSpeed asserts the all-gather bucket is a multiple of its
+    alignment factor (2), and a tenth of an odd count (GPT-2 medium's 354,823,169) is odd."""
     if trained is None:
         return BUCKET
-    return max(MIN_BUCKET, min(BUCKET, trained // 10))
+    return max(MIN_BUCKET, min(BUCKET, trained // 10 // BUCKET_ALIGN * BUCKET_ALIGN))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, device: torch.device,

@@ -52,6 +52,7 @@ from trainers.memory import enable_grad_checkpointing
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
+from trainers.selftrain import self_train
 from trainers.steps import train_step
 from trainers.strategies import Strategy, build_strategy
 from trainers.timing import Laps
@@ -276,6 +277,9 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     strategy.setup(built)
     if resume_dir is None:  # a resumed run already carries the prepared weights
         strategy.prepare(cfg, built, train_split, device)
+    if cfg.selftrain.rounds:
+        train_split = self_train(cfg, built, train_split, data.unlabeled, device, run_dir,
+                                 fresh=resume_dir is None, rank=rank)
     laps.mark("strategy")
     plan = StepPlan.of(cfg, len(train_split), world_size, strategy)
     if plan.grad_accum != t.grad_accum:

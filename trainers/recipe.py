@@ -134,18 +134,21 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, *,
     return cfg
 
 
-def _path_fields() -> set[str]:
-    """Dotted names of the fields the config marks as paths (data.root, model.weights)."""
+def _path_fields() -> dict[str, tuple[str, ...]]:
+    """Dotted names of the fields the config marks as paths (data.root, model.weights), with
+    the words each accepts besides a path (data.unlabeled: rest)."""
     import dataclasses
     import typing
 
-    return {f"{name}.{f.name}" for name, section in typing.get_type_hints(RunConfig).items()
+    return {f"{name}.{f.name}": f.metadata["keywords"]
+            for name, section in typing.get_type_hints(RunConfig).items()
             if dataclasses.is_dataclass(section) for f in dataclasses.fields(section)
             if f.metadata.get("path")}
 
 
-def _absolute(value: Any, base: Path) -> Any:
-    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value):
+def _absolute(value: Any, base: Path, keywords: tuple[str, ...] = ()) -> Any:
+    if (not isinstance(value, str) or not value or "://" in value or os.path.isabs(value)
+            or value in keywords):
         return value
     return os.path.normpath(base / os.path.expanduser(value))
 
@@ -153,7 +156,8 @@ def _absolute(value: Any, base: Path) -> Any:
 def resolve_paths(raw: dict[str, Any], base: Path, *, dotted: bool = False) -> dict[str, Any]:
     """Relative path fields of ``raw`` (sections, or dotted keys) made absolute against
     ``base``; so is the folder inside ``model.name: hf:<folder>``."""
-    for key in [*_path_fields(), "model.name"]:
+    fields = _path_fields()
+    for key in [*fields, "model.name"]:
         section, field = key.split(".")
         holder = raw if dotted else raw.get(section)
         name = key if dotted else field
@@ -164,7 +168,7 @@ def resolve_paths(raw: dict[str, Any], base: Path, *, dotted: bool = False) -> d
             if isinstance(value, str) and value.startswith("hf:"):
                 holder[name] = "hf:" + str(_absolute(value[3:], base))
         else:
-            holder[name] = _absolute(value, base)
+            holder[name] = _absolute(value, base, fields[key])
     return raw
 
 
