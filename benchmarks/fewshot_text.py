@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,11 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[s
 
     The sweep is cluster/tune.py's, as ``launch.py tune`` runs it: every trial trains the
     folds of the K-shot draw with ``train.test=false`` (trial_config forces it), so the test
-    split is never even loaded while choosing. Ties go to the earlier trial of the grid.
+    split is never even loaded while choosing. The choice is the sweep's own
+    (cluster.report.pick_best): the recipe's ``tune.prefer`` point unless another beats its CV
+    score by more than the noise of the comparison; ties go to the earlier trial of the grid.
     """
-    from cluster.report import collect_trials
+    from cluster.report import collect_trials, pick_best
     from cluster.tune import run_sweep
 
     sweep = cfg.replace({"data.folds": folds, "data.fold": 0, "train.test": False,
@@ -102,13 +105,11 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[s
                          "tune.final_seeds": 0}, source="few-shot selection")
     outcome = run_sweep(sweep, overwrite=True)
     rows = collect_trials(outcome.sweep_dir, sweep)
-    scored = [r for r in rows if r.score is not None and r.status != "ERROR"]
-    if not scored:
+    best, why = pick_best(rows, sweep)
+    if best is None:
         errors = "; ".join(r.error for r in rows if r.error)[:300]
         raise RuntimeError(f"few-shot selection: no trial finished ({errors or 'no trials'})")
-    top = max(r.score for r in scored)
-    best = min((r for r in scored if r.score == top), key=lambda r: r.trial_id)
-    return {"params": best.params, "cv_score": best.score, "folds": folds,
+    return {"params": best.params, "cv_score": best.score, "folds": folds, "chosen": why,
             "grid": dict(cfg.tune.space),
             "trials": [{"params": r.params, "cv": r.score, "cv_std": r.std, "status": r.status}
                        for r in sorted(rows, key=lambda r: r.trial_id)],
@@ -163,6 +164,30 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
     """smallshot's selection with self-training on the undrawn rest of the train split as one
     more CV choice (its own column: it sees unlabelled text the others do not)."""
     return run_smallshot(cell, root, out, args, unlabeled=True)
+
+
+# fixed recipes, with and without self-training on the same draws: the method's own effect,
+# without the noise of selecting it by CV on a few dozen examples (named with --methods)
+ABLATIONS = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
+             "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"]}
+
+
+def run_fixed(overrides: list[str], cell: Cell, root: Path, out: str, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    from trainers.loop import fit
+    from trainers.recipe import load_config
+
+    cfg = load_config(RECIPE, cell_overrides(cell, root, out) + overrides)
+    final = fit(cfg)
+    return {"test": _test_metrics(final.metrics), "recipe": f"{RECIPE.name} {' '.join(overrides)}",
+            "train_lines": drawn_lines(cfg)}
+
+
+for _name, _overrides in ABLATIONS.items():
+    register_method(_name)(partial(run_fixed, _overrides))
+    register_method(f"{_name}+unlabeled")(
+        partial(run_fixed, _overrides + UNLABELED + ["selftrain.rounds=2"]))
+DEFAULT_METHODS = ["smallshot", "smallshot+unlabeled", "full-ft", "setfit"]
 
 
 @register_method("full-ft")
@@ -263,6 +288,20 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                      *[(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
                         if (d := by.get(m)) else "—") for m in others]]
                     for key, by in diffs.items()]))
+    pairs = [(m, m[: -len("+unlabeled")]) for m in methods
+             if m.endswith("+unlabeled") and m[: -len("+unlabeled")] in methods]
+    if pairs:
+        gains = {m: paired_differences([r for r in rows if r["method"] in (m, base)],
+                                       [m, base], base) for m, base in pairs}
+        keys = sorted({k for g in gains.values() for k in g},
+                      key=lambda k: (int(k.split("=")[1]), k))
+        md += ("\nSelf-training's own effect, paired per draw (with minus without, points): "
+               "mean ± std (draws won / draws).\n\n" + markdown_table(
+                   ["dataset", "N/class", *[f"{m} - {base}" for m, base in pairs]],
+                   [[k.split("/N=")[0], k.split("/N=")[1],
+                     *[(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
+                        if (d := gains[m].get(k, {}).get(m)) else "—") for m, _ in pairs]]
+                    for k in keys]))
     picks = selection_counts(rows)
     if picks:
         md += ("\nWhat the CV picked, per dataset and N (times chosen over the draws):\n\n"
@@ -284,6 +323,37 @@ def selection_counts(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], l
             out.setdefault((r["method"], r["dataset"], r["shots"]), Counter())[params] += 1
     return {k: c.most_common() for k, c in sorted(out.items(), key=lambda kv: (kv[0][2],
                                                                                kv[0][1], kv[0][0]))}
+
+
+REPLAYED = "smallshot, tune.prefer (replayed)"
+
+
+def replay_prefer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """smallshot cells selected before the recipe had ``tune.prefer``, as the rule would have
+    chosen from their recorded CV scores: the default point's final run is the
+    contrastive-probe cell of the same draw (the same config, deterministic), any other is the
+    cell's own final run. Exact, since no choice needs a run that was not made."""
+    import math
+
+    prefer = {"model.strategy": "contrastive", "train.epochs": 0}
+    by = {(r["dataset"], r["shots"], r["seed"], r["method"]): r for r in rows}
+    out = []
+    for (ds, n, seed, m), r in by.items():
+        fixed = by.get((ds, n, seed, "contrastive-probe"))
+        if m != "smallshot" or fixed is None or "chosen" in r.get("selection", {}):
+            continue
+        trials = {json.dumps(t["params"], sort_keys=True): t for t in r["selection"]["trials"]}
+        top, default = trials[json.dumps(r["selection"]["params"], sort_keys=True)], trials.get(
+            json.dumps(prefer, sort_keys=True))
+        if default is None:
+            continue
+        noise = math.sqrt(((top["cv_std"] or 0.0) ** 2 + (default["cv_std"] or 0.0) ** 2)
+                          / r["selection"]["folds"])
+        keep = top is default or top["cv"] - default["cv"] <= noise
+        out.append({**(fixed if keep else r), "method": REPLAYED, "seconds": r["seconds"],
+                    "selection": {**r["selection"], "params": prefer if keep
+                                  else r["selection"]["params"]}})
+    return out
 
 
 def paired_differences(rows: list[dict[str, Any]], methods: list[str], baseline: str
@@ -343,12 +413,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--shots", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                    help=f"default {' '.join(DEFAULT_METHODS)}; ablations: "
+                         f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)}")
     ap.add_argument("--folds", type=int, default=2, help="k of the CV on the few-shot set")
     ap.add_argument("--max-test", type=int, default=300, help="fixed test subset size")
     ap.add_argument("--max-length", type=int, default=64, help="tokenizer max length")
     ap.add_argument("--budget-min", type=float, default=None,
                     help="start no new cell after this many minutes (finished cells are cached)")
+    ap.add_argument("--name", default=None, help="results file name (default fewshot_text; "
+                    "e.g. fewshot_selftrain for an ablation)")
     ap.add_argument("--data-root", default=str(TEXT_ROOT))
     ap.add_argument("--results-dir", default=str(RESULTS), help="where JSON/MD/PNG go")
     ap.add_argument("--smallshot-overrides", nargs="*", default=[])
@@ -393,7 +467,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"it sees text the others do not. setfit: package defaults. full-ft: "
             f"{BASELINE_RECIPE.name} defaults.")
     plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
-    name = "fewshot_text_quick" if args.quick else "fewshot_text"
+    name = args.name or ("fewshot_text_quick" if args.quick else "fewshot_text")
+    replayed = replay_prefer(rows)
+    if replayed:
+        rows, methods = rows + replayed, methods + [REPLAYED]
     summary, md = summarise(rows, methods, plan, "Few-shot text classification (MiniLM-L6)")
     payload = {"plan": {**vars(args), "note": note}, "methods": methods, "summary": summary,
                "paired_vs_setfit": paired_differences(rows, methods, "setfit"),

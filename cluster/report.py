@@ -139,6 +139,31 @@ def collect_trials(sweep_dir: Path, cfg: RunConfig) -> list[TrialRow]:
     return rows
 
 
+def pick_best(rows: list[TrialRow], cfg: RunConfig) -> tuple[TrialRow | None, str]:
+    """The trial whose config the sweep hands on (export, final test) and why.
+
+    The top score, unless ``tune.prefer`` names a default point that scored within the noise
+    of the top: a few dozen validation examples rank configs mostly by chance, and a default
+    known to be safe then beats a lucky one on unseen data."""
+    scored = [r for r in rows if r.score is not None and r.status != "ERROR"]
+    if not scored:
+        return None, ""
+    top, t = scored[0], cfg.tune
+    default = next((r for r in scored if t.prefer and all(
+        r.params.get(k) == v for k, v in t.prefer.items())), None)
+    if default is None or default is top:
+        return top, "top score"
+    k = cfg.data.folds
+    margin = t.prefer_margin
+    if margin is None:
+        margin = (math.sqrt(((top.std or 0.0) ** 2 + (default.std or 0.0) ** 2) / k)
+                  if k > 1 else 0.0)
+    gain = (top.score - default.score) * (1.0 if t.mode == "max" else -1.0)
+    if gain > margin:
+        return top, f"top score: beats tune.prefer by {gain:.4g} > margin {margin:.4g}"
+    return default, f"tune.prefer: the top beats it by {gain:.4g} <= margin {margin:.4g}"
+
+
 # --------------------------------------------------------------------------------------------
 # Leaderboard
 
@@ -316,11 +341,12 @@ PLOTS = (plot_metric_vs_field, plot_learning_curves, plot_rung_survival)
 
 def best_config(rep: Report, row: TrialRow) -> RunConfig:
     """The recipe the best trial trained, as a ready-to-run recipe (test split on)."""
-    return rep.cfg.replace({**row.params, "tune.space": {}}, source=f"best trial {row.trial_id}")
+    return rep.cfg.replace({**row.params, "tune.space": {}, "tune.prefer": {}},
+                           source=f"best trial {row.trial_id}")
 
 
 def export_best(rep: Report) -> Path | None:
-    best = next((r for r in rep.rows if r.score is not None), None)
+    best, why = pick_best(rep.rows, rep.cfg)
     if best is None:
         return None
     out = rep.sweep_dir / "best"
@@ -340,7 +366,7 @@ def export_best(rep: Report) -> Path | None:
         shutil.copy2(run_dir / "labels.json", out / "labels.json")
     io.write_json(out / "trial.json",
                   {"trial_id": best.trial_id, "params": best.params, "score": best.score,
-                   "std": best.std, "model": str(model) if model else None})
+                   "std": best.std, "chosen": why, "model": str(model) if model else None})
     return out
 
 
@@ -352,7 +378,7 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
     """
     from cluster.run import evaluate_seeds
 
-    best = next((r for r in rep.rows if r.score is not None), None)
+    best, _ = pick_best(rep.rows, rep.cfg)
     if best is None or seeds <= 0:
         return None
     out = rep.sweep_dir / "final"
@@ -438,9 +464,11 @@ def report_markdown(rep: Report) -> str:
     lines += ["## Leaderboard", "", leaderboard_markdown(rep), ""]
     if rep.best_export:
         has_model = (rep.best_export / "model.pt").is_file()
+        best, why = pick_best(rep.rows, rep.cfg)
         lines += ["## Best config", "", f"`{rep.best_export / 'config.yaml'}`" +
                   (f" and `{rep.best_export / 'model.pt'}`" if has_model else
-                   " (no single checkpoint: k-fold trials, or checkpoints off)"), ""]
+                   " (no single checkpoint: k-fold trials, or checkpoints off)") +
+                  (f"; trial {best.trial_id}, chosen by {why}" if best else ""), ""]
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in rep.plots]
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ def test_selection_never_reads_the_test_split(tmp_path, local_ray):
                                      "data.unlabeled=rest", "data.max_unlabeled=40",
                                      "selftrain.per_class=4", "train.epochs=1",
                                      "tune.space={model.strategy: 'grid[lp-ft, contrastive]', "
-                                     "selftrain.rounds: 'grid[0, 1]'}",
+                                     "selftrain.rounds: 'grid[0, 1]'}", "tune.prefer={}",
                                      f"train.output_dir={tmp_path / 'runs'}"])
     # the Ray Tune sweep trains every grid point on both folds of the 8 few-shot examples
     selection = bench.select_by_sweep(cfg, folds=2, metric="accuracy", workdir=tmp_path / "sel")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cluster.report import final_evaluation, summary_text, write_report
 from cluster.tune import run_sweep, sweep_dir_of
-from trainers.errors import DataError
+from trainers.errors import ConfigError, DataError
 from trainers.recipe import load_config
 
 pytestmark = pytest.mark.ray
@@ -165,3 +165,26 @@ def test_kfold_trials_report_the_fold_mean_and_std(tmp_path: Path, data_root, lo
     assert all(r.iterations == 3 and r.std is not None for r in rep.rows)
     assert " ± " in (sweep / "report.md").read_text()
     assert not (sweep / "best" / "model.pt").exists()  # k models, no single checkpoint
+
+
+def test_the_preferred_point_stays_best_unless_beaten_beyond_the_noise(tmp_path: Path) -> None:
+    from cluster.report import TrialRow, pick_best
+
+    cfg = load_config(None, ["data.format=digits", "data.folds=2", "data.val_shots=0",
+                             f"train.output_dir={tmp_path}",
+                             "tune.space={optim.name: 'grid[sgd, adam]'}",
+                             "tune.prefer={optim.name: sgd}"])
+
+    def row(tid: str, name: str, score: float, std: float) -> TrialRow:
+        return TrialRow(tid, "TERMINATED", {"optim.name": name}, score, std, 2, 1.0, 0.0)
+
+    # adam leads by 0.05; the standard error of the difference is sqrt(0.1^2 + 0.1^2) / sqrt(2)
+    rows = [row("a", "adam", 0.65, 0.1), row("b", "sgd", 0.60, 0.1)]
+    best, why = pick_best(rows, cfg)
+    assert best.trial_id == "b" and why.startswith("tune.prefer")
+    rows = [row("a", "adam", 0.90, 0.1), row("b", "sgd", 0.60, 0.1)]
+    assert pick_best(rows, cfg)[0].trial_id == "a"  # 0.30 > 0.1: a clear win
+    assert pick_best(rows, cfg.replace({"tune.prefer_margin": 0.5}))[0].trial_id == "b"
+    assert pick_best(rows, cfg.replace({"tune.prefer": {}}))[0].trial_id == "a"
+    with pytest.raises(ConfigError, match=r"tune.prefer.optim.lr: not a field of tune.space"):
+        cfg.replace({"tune.prefer": {"optim.lr": 0.1}})

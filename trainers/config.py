@@ -307,6 +307,18 @@ class TuneConfig:
                              "has its slot, 1 = one after another in the trial process")
     name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
+    prefer: dict[str, Any] = _f(factory=dict, help="a default point of the space (tune.space "
+                                "field -> value): the best config unless another trial's score "
+                                "beats it by more than tune.prefer_margin", flat_keys=True)
+    prefer_margin: float | None = _f(None, lo=0.0, help="how much another trial must beat "
+                                     "tune.prefer by; null = the standard error of the "
+                                     "difference of their k-fold means (0 without folds)")
+
+    def validate(self) -> None:
+        for key in self.prefer:
+            if key not in self.space:
+                raise ConfigError(f"tune.prefer.{key}: not a field of tune.space (allowed: "
+                                  f"{', '.join(self.space) or 'none: the space is empty'})")
 
 
 TRACK_BACKENDS = ("csv", "tensorboard", "mlflow")

@@ -95,6 +95,10 @@ def self_train(cfg: RunConfig, built: BuiltModel, train: Split, unlabeled: Split
         record = pseudo_label(cfg, built, train, unlabeled, device)
         if rank == 0:
             io.write_json(path, record)
+            last = record["rounds"][-1]
+            print(f"self-training: {len(record['indices'])} pseudo-labels of {len(unlabeled)} "
+                  f"unlabelled after {len(record['rounds'])} round(s) (per class "
+                  f"{last['per_class']}, mean confidence {last['mean_confidence']})", flush=True)
     elif path.is_file():
         record = io.read_json(path)
     else:
