@@ -52,14 +52,16 @@ class Cell:
     shots: int
     seed: int
     method: str
-    max_test: int
+    max_test: int  # 0: the whole test split
     max_length: int = 64
+    model: str = "minilm"  # the backbone of every method (model.name)
 
     @property
     def key(self) -> str:
         extra = "" if self.max_length == 64 else f"-len{self.max_length}"
-        return (f"{self.dataset}-n{self.shots}-s{self.seed}-t{self.max_test}{extra}-"
-                f"{self.method}")
+        extra += "" if self.model == "minilm" else f"-{self.model}"
+        test = self.max_test or "full"
+        return f"{self.dataset}-n{self.shots}-s{self.seed}-t{test}{extra}-{self.method}"
 
     @property
     def metric(self) -> str:
@@ -68,7 +70,8 @@ class Cell:
 
 def cell_overrides(cell: Cell, root: Path, out_dir: str) -> list[str]:
     return [f"data.root={root}", f"data.shots={cell.shots}", f"data.seed={cell.seed}",
-            f"data.max_test={cell.max_test}", f"data.max_length={cell.max_length}",
+            f"data.max_test={cell.max_test or 'null'}", f"data.max_length={cell.max_length}",
+            f"model.name={cell.model}",
             "data.test_split=test", f"train.output_dir={out_dir}", "train.progress=false",
             "train.save_checkpoints=false"]
 
@@ -202,6 +205,17 @@ def run_full(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict
             "recipe": str(BASELINE_RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
 
 
+def backbone_path(name: str) -> Path:
+    """The sentence-transformers folder of a backbone, for SetFit."""
+    if name == "mpnet":
+        from trainers.mpnet import mpnet_path
+
+        return Path(mpnet_path())
+    from trainers.models import minilm_path
+
+    return Path(minilm_path())
+
+
 def setfit_available() -> bool:
     import importlib.util
 
@@ -217,12 +231,11 @@ def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> di
 
     from trainers.data import load_dataset
     from trainers.metrics import classification_metrics
-    from trainers.models import minilm_path
     from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out))
     data = load_dataset(cfg.data, with_test=True)
-    model = SetFitModel.from_pretrained(str(minilm_path()))
+    model = SetFitModel.from_pretrained(str(backbone_path(cell.model)))
     targs = TrainingArguments(seed=cell.seed, output_dir=str(Path(out) / "setfit"),
                               show_progress_bar=False, report_to="none")
     train = Dataset.from_dict({"text": list(data.train.inputs),
@@ -402,7 +415,7 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
 
 def plan_cells(args: argparse.Namespace, methods: list[str]) -> list[Cell]:
     """Seed-major order, so a time budget fills every dataset before adding seeds."""
-    return [Cell(ds, n, s, m, args.max_test, args.max_length)
+    return [Cell(ds, n, s, m, args.max_test, args.max_length, args.model)
             for n in args.shots for s in range(args.seeds) for ds in args.datasets
             for m in methods]
 
@@ -417,7 +430,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"default {' '.join(DEFAULT_METHODS)}; ablations: "
                          f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)}")
     ap.add_argument("--folds", type=int, default=2, help="k of the CV on the few-shot set")
-    ap.add_argument("--max-test", type=int, default=300, help="fixed test subset size")
+    ap.add_argument("--max-test", type=int, default=300, help="fixed test subset size (0: the "
+                    "whole test split)")
+    ap.add_argument("--model", default="minilm", choices=["minilm", "mpnet"],
+                    help="the backbone of every method (mpnet: `make mpnet` first)")
     ap.add_argument("--max-length", type=int, default=64, help="tokenizer max length")
     ap.add_argument("--budget-min", type=float, default=None,
                     help="start no new cell after this many minutes (finished cells are cached)")
@@ -459,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     planned = f"{len(args.datasets)} datasets x N in {args.shots} x {args.seeds} seeds"
     note = (f"Planned: {planned} x {len(methods)} methods; finished {len(rows)} of {len(cells)} "
             f"cells{f' ({skipped} left for a later run)' if skipped else ''}"
-            f". Test: fixed class-balanced subset of {args.max_test} test examples per dataset. "
+            f". Test: {f'fixed class-balanced subset of {args.max_test}' if args.max_test else 'all'}"
+            f" test examples per dataset. "
             f"smallshot: {RECIPE.name}, its tune.space grid scored by {args.folds}-fold CV on the "
             f"few-shot set (a Ray Tune sweep per cell). smallshot+unlabeled: the same grid x "
             f"selftrain.rounds in {{0, 2}} (16 pseudo-labels per class per round) with up to 1000 "
@@ -471,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     replayed = replay_prefer(rows)
     if replayed:
         rows, methods = rows + replayed, methods + [REPLAYED]
-    summary, md = summarise(rows, methods, plan, "Few-shot text classification (MiniLM-L6)")
+    summary, md = summarise(rows, methods, plan, f"Few-shot text classification ({args.model})")
     payload = {"plan": {**vars(args), "note": note}, "methods": methods, "summary": summary,
                "paired_vs_setfit": paired_differences(rows, methods, "setfit"),
                "cells": rows}
