@@ -295,26 +295,17 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
     if diffs:
         others = [m for m in methods if m != "setfit"]
         md += ("\nPaired per-draw differences against setfit (same draw, same test examples), "
-               "points: mean ± std (draws won / draws).\n\n" + markdown_table(
-                   ["dataset", "N/class", *[f"{m} - setfit" for m in others]],
-                   [[key.split("/N=")[0], key.split("/N=")[1],
-                     *[(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
-                        if (d := by.get(m)) else "—") for m in others]]
-                    for key, by in diffs.items()]))
+               "points: mean ± std (draws won / draws).\n\n"
+               + paired_table({f"{m} - setfit": {k: by[m] for k, by in diffs.items() if m in by}
+                               for m in others}))
     pairs = [(m, m[: -len("+unlabeled")]) for m in methods
              if m.endswith("+unlabeled") and m[: -len("+unlabeled")] in methods]
     if pairs:
-        gains = {m: paired_differences([r for r in rows if r["method"] in (m, base)],
-                                       [m, base], base) for m, base in pairs}
-        keys = sorted({k for g in gains.values() for k in g},
-                      key=lambda k: (int(k.split("=")[1]), k))
+        gains = {f"{m} - {base}": {k: by[m] for k, by in paired_differences(
+            [r for r in rows if r["method"] in (m, base)], [m, base], base).items()}
+            for m, base in pairs}
         md += ("\nSelf-training's own effect, paired per draw (with minus without, points): "
-               "mean ± std (draws won / draws).\n\n" + markdown_table(
-                   ["dataset", "N/class", *[f"{m} - {base}" for m, base in pairs]],
-                   [[k.split("/N=")[0], k.split("/N=")[1],
-                     *[(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
-                        if (d := gains[m].get(k, {}).get(m)) else "—") for m, _ in pairs]]
-                    for k in keys]))
+               "mean ± std (draws won / draws).\n\n" + paired_table(gains))
     picks = selection_counts(rows)
     if picks:
         md += ("\nWhat the CV picked, per dataset and N (times chosen over the draws):\n\n"
@@ -322,6 +313,17 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                                 [[m, ds, str(n), "; ".join(f"{c} x {k}" for k, c in counts)]
                                  for (m, ds, n), counts in picks.items()]))
     return summary, md
+
+
+def paired_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One row per "<dataset>/N=<n>" key, one column per comparison (its differences by key)."""
+    keys = sorted({k for col in columns.values() for k in col},
+                  key=lambda k: (int(k.split("/N=")[1]), k))
+    fmt_d = (lambda d: f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']})"
+             if d else "—")
+    return markdown_table(["dataset", "N/class", *columns],
+                          [[*k.split("/N="), *[fmt_d(col.get(k)) for col in columns.values()]]
+                           for k in keys])
 
 
 def selection_counts(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], list]:
@@ -342,30 +344,33 @@ REPLAYED = "smallshot, tune.prefer (replayed)"
 
 
 def replay_prefer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """smallshot cells selected before the recipe had ``tune.prefer``, as the rule would have
-    chosen from their recorded CV scores: the default point's final run is the
-    contrastive-probe cell of the same draw (the same config, deterministic), any other is the
-    cell's own final run. Exact, since no choice needs a run that was not made."""
-    import math
+    """smallshot cells selected before the recipe had ``tune.prefer``, as the sweep's rule
+    (cluster.report.pick_best with the recipe's tune.prefer) chooses from their recorded CV
+    scores: the default point's final run is the contrastive-probe cell of the same draw (the
+    same config, deterministic), any other is the cell's own final run. Exact, since no choice
+    needs a run that was not made."""
+    from cluster.report import TrialRow, pick_best
+    from trainers.recipe import load_config
 
-    prefer = {"model.strategy": "contrastive", "train.epochs": 0}
     by = {(r["dataset"], r["shots"], r["seed"], r["method"]): r for r in rows}
+    cfgs: dict[int, Any] = {}  # k of the CV -> the recipe under it
     out = []
     for (ds, n, seed, m), r in by.items():
         fixed = by.get((ds, n, seed, "contrastive-probe"))
         if m != "smallshot" or fixed is None or "chosen" in r.get("selection", {}):
             continue
-        trials = {json.dumps(t["params"], sort_keys=True): t for t in r["selection"]["trials"]}
-        top, default = trials[json.dumps(r["selection"]["params"], sort_keys=True)], trials.get(
-            json.dumps(prefer, sort_keys=True))
-        if default is None:
-            continue
-        noise = math.sqrt(((top["cv_std"] or 0.0) ** 2 + (default["cv_std"] or 0.0) ** 2)
-                          / r["selection"]["folds"])
-        keep = top is default or top["cv"] - default["cv"] <= noise
+        sel = r["selection"]
+        if sel["folds"] not in cfgs:
+            cfgs[sel["folds"]] = load_config(RECIPE, [f"data.folds={sel['folds']}"],
+                                             check_paths=False)
+        cfg = cfgs[sel["folds"]]
+        # best first, ties to the earlier trial: the order collect_trials gives the sweep
+        trials = sorted(enumerate(sel["trials"]), key=lambda it: (-it[1]["cv"], it[0]))
+        best, _ = pick_best([TrialRow(str(i), t["status"], t["params"], t["cv"], t["cv_std"],
+                                      0, 0.0, 0.0) for i, t in trials], cfg)
+        keep = best.params == cfg.tune.prefer
         out.append({**(fixed if keep else r), "method": REPLAYED, "seconds": r["seconds"],
-                    "selection": {**r["selection"], "params": prefer if keep
-                                  else r["selection"]["params"]}})
+                    "selection": {**sel, "params": best.params}})
     return out
 
 

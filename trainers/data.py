@@ -513,19 +513,13 @@ def load_unlabeled(cfg: DataConfig, pool: Split, used: set[int]) -> Split | None
         return None
     if cfg.unlabeled == "rest":
         split = pool.take([i for i in range(len(pool)) if i not in used])
-        inputs, sources = split.inputs, split.sources
     else:
         texts, _, sources, _ = read_text_file(Path(cfg.unlabeled), cfg.text_column, None, None,
                                               hint="set data.text_column")
-        inputs = texts
-    n = len(sources) if sources else len(inputs)
-    keep = sorted(random.Random(cfg.seed + 104729).sample(range(n), min(n, cfg.max_unlabeled)))
-    if isinstance(inputs, torch.Tensor):
-        inputs = inputs[torch.as_tensor(keep, dtype=torch.long)]
-    else:
-        inputs = [inputs[i] for i in keep]
-    return Split(inputs, torch.full((len(keep),), -1, dtype=torch.long),
-                 [sources[i] for i in keep] if sources else [])
+        split = Split(texts, torch.zeros(len(texts), dtype=torch.long), sources)
+    rng = random.Random(cfg.seed + 104729)
+    split = split.take(sorted(rng.sample(range(len(split)), min(len(split), cfg.max_unlabeled))))
+    return Split(split.inputs, torch.full((len(split),), -1, dtype=torch.long), split.sources)
 
 
 # what a loader reads (the draw's fields - shots, seed, folds, max_test - act after loading)
