@@ -172,7 +172,9 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 # fixed recipes, with and without self-training on the same draws: the method's own effect,
 # without the noise of selecting it by CV on a few dozen examples (named with --methods)
 ABLATIONS = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
-             "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"]}
+             "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"],
+             "supcon-probe": ["model.strategy=contrastive", "train.epochs=0",
+                              "model.strategy_params.contrastive.loss=supcon"]}
 
 
 def run_fixed(overrides: list[str], cell: Cell, root: Path, out: str, args: argparse.Namespace
@@ -312,6 +314,17 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                + markdown_table(["method", "dataset", "N/class", "choices"],
                                 [[m, ds, str(n), "; ".join(f"{c} x {k}" for k, c in counts)]
                                  for (m, ds, n), counts in picks.items()]))
+    checks = cv_checks(rows)
+    if checks:
+        md += ("\nDid the final run test where its CV said? (`cluster.report.cv_check`: the test "
+               "score against the chosen trial's k-fold mean ± 2 standard errors, from the "
+               "folds' spread and the binomial noise of the few-shot set; below = worse than "
+               "the CV promised.)\n\n"
+               + markdown_table(["method", "dataset", "N/class", "holds", "below", "above",
+                                 "test − CV, points"],
+                                [[m, ds, str(n), str(c["holds"]), str(c["below"]),
+                                  str(c["above"]), fmt(c["gaps"])]
+                                 for (m, ds, n), c in checks.items()]))
     return summary, md
 
 
@@ -338,6 +351,26 @@ def selection_counts(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], l
             out.setdefault((r["method"], r["dataset"], r["shots"]), Counter())[params] += 1
     return {k: c.most_common() for k, c in sorted(out.items(), key=lambda kv: (kv[0][2],
                                                                                kv[0][1], kv[0][0]))}
+
+
+def cv_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Per (method, dataset, N): how often the final run tested where the chosen trial's CV
+    said (cluster.report.cv_check: holds / below / above) and the mean test-minus-CV gap."""
+    from cluster.report import cv_check
+
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in rows:
+        sel = r.get("selection")
+        chosen = sel and next((t for t in sel["trials"] if t["params"] == sel["params"]), None)
+        if not chosen or chosen["cv"] is None:
+            continue
+        c = cv_check(chosen["cv"], chosen["cv_std"], sel["folds"], [r["value"]],
+                     n_val=len(r.get("train_lines") or []) or None)
+        agg = out.setdefault((r["method"], r["dataset"], r["shots"]),
+                             {"holds": 0, "below": 0, "above": 0, "gaps": []})
+        agg[c["verdict"]] += 1
+        agg["gaps"].append(c["gap"])
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])))
 
 
 REPLAYED = "smallshot, tune.prefer (replayed)"

@@ -164,6 +164,41 @@ def pick_best(rows: list[TrialRow], cfg: RunConfig) -> tuple[TrialRow | None, st
     return default, f"tune.prefer: the top beats it by {gain:.4g} <= margin {margin:.4g}"
 
 
+def cv_check(cv: float, cv_std: float | None, folds: int, tested: list[float], *,
+             n_val: int | None = None, mode: str = "max") -> dict[str, Any]:
+    """Whether the chosen config's final test landed where its k-fold CV said it would.
+
+    The tolerance is two standard errors of the CV mean: the folds' spread over sqrt(k), and,
+    for a score in [0, 1] such as accuracy, the binomial noise of ``n_val`` validated examples
+    (all folds together). "below" is the case to worry about: the CV liked a config that then
+    did worse on unseen data. "above" is common and mostly harmless: each fold trained on
+    (k-1)/k of the shots, the final run on all of them."""
+    var = (cv_std or 0.0) ** 2 / max(folds, 1)
+    if n_val and 0.0 <= cv <= 1.0:
+        var += cv * (1.0 - cv) / n_val
+    tolerance = 2.0 * math.sqrt(var)
+    test = sum(tested) / len(tested)
+    gap = (test - cv) * (1.0 if mode == "max" else -1.0)  # > 0: the test did better
+    verdict = "holds" if abs(gap) <= tolerance else ("below" if gap < 0 else "above")
+    return {"cv": cv, "cv_std": cv_std, "folds": folds, "n_val": n_val, "test": test,
+            "gap": gap, "tolerance": tolerance, "verdict": verdict}
+
+
+def cv_check_text(check: dict[str, Any], metric: str) -> str:
+    c = check
+    seen = (f"{c['folds']} folds" + (f", {c['n_val']} validated examples" if c["n_val"] else ""))
+    head = (f"CV check (few-shot seed {c.get('seed', '?')}, the draw the CV split): the final "
+            f"test's {metric} {c['test']:.4f} against the CV estimate "
+            f"{c['cv']:.4f} ± {c['tolerance']:.4f} ({seen}): ")
+    if c["verdict"] == "holds":
+        return head + "the selection held"
+    if c["verdict"] == "above":
+        return head + (f"{c['gap']:.4f} better than CV said (the folds trained on fewer "
+                       f"shots than the final run)")
+    return head + (f"{-c['gap']:.4f} worse than CV said: the selection did not hold on unseen "
+                   f"data; more folds (data.folds) or a tune.prefer default make it steadier")
+
+
 # --------------------------------------------------------------------------------------------
 # Leaderboard
 
@@ -402,8 +437,26 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
                 for row in results.per_seed]
     summary = {"trial_id": best.trial_id, "params": best.params, "seeds": seeds,
                "per_seed": per_seed, "test": results.summary, "std": results.std_kind}
+    # the CV split one draw (the sweep's data.seed): its final run is the like-for-like test
+    test_key, draw = rep.metric.replace("val/", "test/", 1), rep.cfg.data.seed
+    tested = {row["seed"]: row[test_key] for row in per_seed
+              if isinstance(row.get(test_key), (int, float))}
+    if rep.cfg.data.folds > 1 and best.score is not None and draw in tested:
+        summary["cv_check"] = {**cv_check(best.score, best.std, rep.cfg.data.folds,
+                                          [tested[draw]], n_val=_validated(out / f"seed-{draw}"),
+                                          mode=rep.cfg.tune.mode), "seed": draw}
     io.write_json(cache, summary)
     return summary
+
+
+def _validated(run_dir: Path) -> int | None:
+    """How many examples the CV folds validated in all: the few-shot set the final run trained
+    on (its labels.json lists them), which the folds split between them."""
+    labels = run_dir / "labels.json"
+    if not labels.is_file():
+        return None
+    sources = io.read_json(labels).get("train_sources")
+    return len(sources) if isinstance(sources, list) and sources else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,8 +494,11 @@ def final_text(rep: Report) -> str:
     key = rep.metric.replace("val/", "test/", 1)
     order = [key] + [k for k in stats if k != key]
     parts = [f"{k} {stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" for k in order if k in stats]
-    return (f"final test of the best config (trial {rep.final['trial_id']}, "
+    text = (f"final test of the best config (trial {rep.final['trial_id']}, "
             f"{rep.final['seeds']} few-shot seed(s), mean ± {STD_KIND}): " + "; ".join(parts))
+    if rep.final.get("cv_check"):
+        text += "\n" + cv_check_text(rep.final["cv_check"], key)
+    return text
 
 
 def report_markdown(rep: Report) -> str:

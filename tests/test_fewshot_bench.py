@@ -92,3 +92,20 @@ def test_paired_differences_and_selection_counts():
     assert (d["n"], d["wins"]) == (3, 2) and d["mean"] == pytest.approx(0.1)
     picks = bench.selection_counts(rows)
     assert picks == {("smallshot", "cr", 8): [("strategy=lp-ft", 3), ("strategy=contrastive", 1)]}
+
+
+def test_cv_checks_compare_each_final_run_with_its_chosen_trial():
+    def row(seed, value, chosen):
+        trials = [{"params": {"model.strategy": "lp-ft"}, "cv": 0.8, "cv_std": 0.1},
+                  {"params": {"model.strategy": "contrastive"}, "cv": 0.7, "cv_std": 0.0}]
+        return {"dataset": "cr", "shots": 8, "seed": seed, "method": "smallshot",
+                "value": value, "train_lines": ["x"] * 16,
+                "selection": {"params": {"model.strategy": chosen}, "folds": 2,
+                              "trials": trials}}
+
+    # lp-ft: 0.8 ± 2 sqrt(0.01/2 + 0.16/16) = ± 0.245; contrastive: 0.7 ± 2 sqrt(0.21/16)
+    rows = [row(0, 0.75, "lp-ft"), row(1, 0.5, "lp-ft"), row(2, 0.95, "contrastive")]
+    (key, c), = bench.cv_checks(rows).items()
+    assert key == ("smallshot", "cr", 8)
+    assert (c["holds"], c["below"], c["above"]) == (1, 1, 1)
+    assert c["gaps"] == pytest.approx([-0.05, -0.3, 0.25])

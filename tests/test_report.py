@@ -167,6 +167,39 @@ def test_kfold_trials_report_the_fold_mean_and_std(tmp_path: Path, data_root, lo
     assert not (sweep / "best" / "model.pt").exists()  # k models, no single checkpoint
 
 
+def test_the_final_test_is_checked_against_the_cv_estimate(tmp_path: Path, local_ray) -> None:
+    root = tmp_path / "shapes"
+    make_images(root).unlink()  # the unreadable test image: this test reads the test split
+    cfg = recipe(tmp_path, root, "data.shots=6", "data.folds=3", "data.val_shots=0",
+                 "tune.num_samples=1", "tune.space={optim.lr: 'grid[5e-2]'}",
+                 "train.save_checkpoints=false", "tune.final_seeds=1")
+    run_sweep(cfg)
+    rep = write_report(sweep_dir_of(cfg), final=True)
+    check, [best] = rep.final["cv_check"], rep.rows
+    classes = len(json.loads((rep.sweep_dir / "final" / "seed-0" / "labels.json").read_text())
+                  ["classes"])
+    assert (check["seed"], check["folds"], check["n_val"]) == (0, 3, 6 * classes)
+    assert check["cv"] == pytest.approx(best.score)
+    assert check["test"] == pytest.approx(rep.final["per_seed"][0]["test/accuracy"])
+    by_hand = 2 * (best.std ** 2 / 3 + best.score * (1 - best.score) / (6 * classes)) ** 0.5
+    assert check["tolerance"] == pytest.approx(by_hand)
+    assert "CV check (few-shot seed 0" in (rep.sweep_dir / "report.md").read_text()
+
+
+def test_cv_check_verdicts() -> None:
+    from cluster.report import cv_check, cv_check_text
+
+    # 2 folds 0.1 apart, 16 validated examples: 2 * sqrt(0.01 / 2 + 0.8 * 0.2 / 16) = 0.245
+    holds = cv_check(0.8, 0.1, 2, [0.7], n_val=16)
+    assert holds["tolerance"] == pytest.approx(0.2449, abs=1e-4) and holds["verdict"] == "holds"
+    below = cv_check(0.83, 0.02, 2, [0.55], n_val=16)
+    assert below["verdict"] == "below" and below["gap"] == pytest.approx(-0.28)
+    assert "did not hold" in cv_check_text(below, "test/accuracy")
+    assert cv_check(0.5, 0.0, 2, [0.9], n_val=16)["verdict"] == "above"
+    assert cv_check(1.2, 0.2, 2, [1.0], mode="min")["verdict"] == "holds"  # a loss: spread only
+    assert cv_check(1.2, 0.0, 2, [1.0], mode="min")["gap"] == pytest.approx(0.2)  # lower: better
+
+
 def test_the_preferred_point_stays_best_unless_beaten_beyond_the_noise(tmp_path: Path) -> None:
     from cluster.report import TrialRow, pick_best
 

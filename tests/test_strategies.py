@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import CONFIGS, need_shared
+from interrupts import Interrupt, interrupted_at
 
 from trainers.batches import Batcher
 from trainers.data import load_dataset
@@ -26,6 +27,8 @@ from trainers.strategies import (
     pair_loss,
     register_strategy,
     strategy_params,
+    supcon_batches,
+    supcon_loss,
 )
 
 CPU = torch.device("cpu")
@@ -116,6 +119,73 @@ def test_contrastive_stage_lowers_the_pair_loss_on_digits(tmp_path):
     assert torch.equal(head_module(built).weight, head_before)  # the stage leaves the head be
 
 
+def test_supcon_loss_matches_its_definition_and_prefers_tight_classes():
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 1, 2])  # class 2: no partner
+    z = torch.nn.functional.normalize(emb, dim=-1)
+    by_hand = []
+    for i in range(5):  # the one example without a same-class partner is no anchor
+        others = [a for a in range(6) if a != i]
+        log_den = torch.logsumexp(torch.stack([z[i] @ z[a] / 0.1 for a in others]), 0)
+        pos = [p for p in others if labels[p] == labels[i]]
+        by_hand.append(-sum(z[i] @ z[p] / 0.1 - log_den for p in pos) / len(pos))
+    torch.testing.assert_close(supcon_loss(emb, labels, 0.1), torch.stack(by_hand).mean())
+    centres = torch.eye(3)[labels] * 5
+    tight = supcon_loss(centres + 0.1 * torch.randn(6, 3), labels, 0.1)
+    mixed = supcon_loss(torch.randn(6, 3), labels, 0.1)
+    assert tight < mixed
+    lone = torch.randn(3, 4, requires_grad=True)  # no anchor at all: zero, and differentiable
+    loss = supcon_loss(lone, torch.tensor([0, 1, 2]), 0.1)
+    loss.backward()
+    assert float(loss) == 0.0 and lone.grad is not None
+
+
+def test_supcon_batches_cost_what_the_pair_rounds_cost():
+    labels = [0] * 8 + [1] * 8
+    batches = supcon_batches(labels, iterations=3, batch_size=8, seed=0)
+    pairs = make_pairs(labels, 3, 0)
+    assert len(batches) == -(-len(pairs) // 8)  # as many steps as the pair loss
+    assert sum(map(len, batches)) == 2 * len(pairs)  # encoding as many texts
+    flat = [i for b in batches for i in b]
+    assert all(flat.count(i) == 12 for i in range(16))  # each example 4x a round
+    assert batches == supcon_batches(labels, 3, 8, 0)
+
+
+def test_supcon_stage_pulls_classes_together_on_digits(tmp_path):
+    cfg = digits(tmp_path, "model.strategy=contrastive", "model.strategy_params={contrastive: "
+                 "{lr: 3.0e-3, iterations: 10, loss: supcon, temperature: 0.1}}")
+    data = load_dataset(cfg.data, with_test=False)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    before = pair_loss(cfg, built, data.train, CPU)
+    losses, _ = contrastive_stage(cfg, built, data.train, CPU, **strategy_params(cfg))
+    assert pair_loss(cfg, built, data.train, CPU) < 0.8 * before  # the pair criterion too
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_supcon_run_resumes_exactly(tmp_path):
+    def cfg(where, *extra):
+        return load_config(CONFIGS / "tiny-digits.yaml", [
+            f"train.output_dir={tmp_path / where}", "train.progress=false", "train.epochs=3",
+            "model.strategy=contrastive", "model.strategy_params={contrastive: {iterations: 2, "
+            "loss: supcon, lr: 1.0e-3}}", *extra])
+    full = fit(cfg("a"))
+    with pytest.raises(Interrupt):
+        fit(cfg("b"), interrupted_at(8))  # in the second epoch, after the stage
+    resumed = fit(cfg("b", "train.resume=true"))
+    assert resumed.steps == full.steps
+    assert resumed.metrics["test/accuracy"] == pytest.approx(full.metrics["test/accuracy"],
+                                                             abs=1e-9)
+    assert [r["val/accuracy"] for r in resumed.history] == [r["val/accuracy"] for r in full.history]
+
+
+def test_contrastive_loss_names_are_checked_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.strategy_params.contrastive.loss: 'supcn' is "
+                       r"not allowed \(allowed: cosine, supcon\); did you mean 'supcon'"):
+        digits(tmp_path, "model.strategy=contrastive",
+               "model.strategy_params.contrastive.loss=supcn")
+
+
 def test_contrastive_runs_under_the_ddp_engine(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)
@@ -127,9 +197,12 @@ def test_contrastive_runs_under_the_ddp_engine(tmp_path):
     assert result.metrics["test/accuracy"] > 0.3
 
 
-@pytest.mark.parametrize("strategy", ["full", "lp-ft", "contrastive"])
+@pytest.mark.parametrize("strategy", ["full", "lp-ft", "contrastive", "contrastive-supcon"])
 def test_each_strategy_fits_a_tiny_text_set(tmp_path, strategy):
-    cfg = text(tmp_path, f"model.strategy={strategy}", "model.strategy_params.contrastive.iterations=2")
+    loss = "supcon" if strategy.endswith("supcon") else "cosine"
+    cfg = text(tmp_path, f"model.strategy={strategy.split('-supcon')[0]}",
+               "model.strategy_params.contrastive.iterations=2",
+               f"model.strategy_params.contrastive.loss={loss}")
     result = fit(cfg)
     assert result.steps == 1 and 0.0 <= result.metrics["test/accuracy"] <= 1.0
 

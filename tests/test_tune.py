@@ -71,6 +71,9 @@ def test_space_parses_every_distribution_kind(tmp_path: Path) -> None:
     ("{optim.lr: 'choice[0.1, 0.1]'}", "listed twice"),
     ("{scaling.num_workers: 'choice[1, 2]'}", "tune.space.scaling.num_workers: this field cannot"),
     ("{data.fold: 'choice[0, 1]'}", "tune.space.data.fold: this field cannot be searched"),
+    ("{model.strategy_params.contrastive.loss: 'grid[cosine, supcn]'}",  # not the strategy now
+     "value 'supcn' of grid[cosine, supcn] is not allowed: 'supcn' is not allowed (allowed: "
+     "cosine, supcon); did you mean 'supcon'?"),
 ])
 def test_invalid_spaces_name_the_field(tmp_path: Path, space: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -118,6 +118,12 @@ def _typed(value: Any, tp: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(tp) is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed (allowed: "
+                              f"{', '.join(map(str, allowed))}){did_you_mean(str(value), list(map(str, allowed)))}")
+        return value
     else:
         return value  # unannotated or a richer type: the callee checks it
     if not ok:

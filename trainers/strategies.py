@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,11 +100,14 @@ def create_strategy(name: str) -> Callable[..., Any]:
 
 def strategy_params(cfg: RunConfig, name: str | None = None) -> dict[str, Any]:
     """The params of strategy ``name`` (default: model.strategy), checked against its
-    signature; entries for other strategies must name registered ones."""
+    signature; the entries for other strategies are checked too (a sweep may pick them)."""
     name = name or cfg.model.strategy
     options = cfg.model.strategy_params
     for key in options:
         STRATEGIES.get(key, field="model.strategy_params")
+        if key != name:
+            STRATEGIES.check_params(key, options[key], field=f"model.strategy_params.{key}",
+                                    skip=PREPARE_ARGS)
     return STRATEGIES.check_params(name, options.get(name, {}),
                                    field=f"model.strategy_params.{name}", skip=PREPARE_ARGS)
 
@@ -262,20 +265,28 @@ def make_pairs(labels: list[int], iterations: int, seed: int) -> list[tuple[int,
     return pairs
 
 
+ContrastiveLoss = Literal["cosine", "supcon"]
+
+
 class PairModel(nn.Module):
-    """The body alone (head swapped out): embeddings of ``a_*`` inputs, or the pair loss.
+    """The body alone (head swapped out): embeddings of ``a_*`` inputs, or a contrastive loss.
 
     forward(a_..., b_..., target) -> MSE between cos(emb_a, emb_b) and the target (SetFit's
-    CosineSimilarityLoss); forward(a_...) -> emb_a. Only the body's parameters live here, so
-    DDP sees no unused parameters.
+    CosineSimilarityLoss); forward(a_..., labels) -> the supervised contrastive loss of the
+    batch; forward(a_...) -> emb_a. Only the body's parameters live here, so DDP sees no
+    unused parameters.
     """
 
-    def __init__(self, body: nn.Module):
+    def __init__(self, body: nn.Module, temperature: float = 0.05):
         super().__init__()
         self.body = body
+        self.temperature = temperature
 
-    def forward(self, target: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, target: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **inputs: torch.Tensor) -> torch.Tensor:
         emb_a = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("a_")})
+        if labels is not None:
+            return supcon_loss(emb_a, labels, self.temperature)
         if target is None:
             return emb_a
         emb_b = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("b_")})
@@ -283,30 +294,68 @@ class PairModel(nn.Module):
         return F.mse_loss(cos, target.float())
 
 
+def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) over one batch: every example is pulled
+    towards all same-class examples of the batch and pushed from the rest at once, instead of
+    one partner per pair. Examples without a same-class partner in the batch only serve as
+    negatives."""
+    z = F.normalize(emb.float(), dim=-1)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logp = (z @ z.T / temperature).masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(dim=1)
+    anchors = count > 0
+    if not bool(anchors.any()):
+        return z.sum() * 0.0  # keeps the graph (and DDP's reducer) whole
+    per_anchor = -logp.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / count[anchors]
+    return per_anchor.mean()
+
+
+def supcon_batches(labels: list[int], iterations: int, batch_size: int, seed: int
+                   ) -> list[list[int]]:
+    """Example batches of ``2 * batch_size`` for the supcon loss: as many steps, each encoding
+    as many texts, as the pair loss's ``iterations`` rounds (every example is encoded about 4
+    times a round there: anchor of 2 pairs, partner of ~2)."""
+    rng = random.Random(seed)
+    seq: list[int] = []
+    for _ in range(4 * iterations):
+        seq += rng.sample(range(len(labels)), len(labels))
+    size = 2 * batch_size
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
-                      *, iterations: int = 5, lr: float = 2e-5
-                      ) -> tuple[list[float], torch.Tensor]:
-    """Train the body on pairs; the per-step pair losses and the new train embeddings."""
+                      *, iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
+                      temperature: float = 0.05) -> tuple[list[float], torch.Tensor]:
+    """Train the body with the contrastive ``loss``; the per-step losses and the new train
+    embeddings."""
     rank, world_size = world()
-    pairs = make_pairs(train.labels.tolist(), iterations, cfg.data.seed)
-    order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
+    labels = train.labels.tolist()
     bs = cfg.train.batch_size
-    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    if loss == "cosine":
+        pairs = make_pairs(labels, iterations, cfg.data.seed)
+        order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    else:  # every rank takes its share of each global batch
+        batches = [b[rank::world_size] for b in
+                   supcon_batches(labels, iterations, bs * world_size, cfg.data.seed)]
     stage_cfg = cfg.replace({"optim.lr": lr, "train.grad_accum": 1,
                              "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
     with swapped_head(built, nn.Identity()):
-        pair_model = PairModel(built.module)
+        pair_model = PairModel(built.module, temperature)
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
         for step, batch in enumerate(batches):
-            loss, _ = train_step(engine, partial(pair_batch_loss, engine.forward, batcher, train, pairs,
-                                                 batch, device),
-                                 seed=step_seed(cfg.train.seed, step, rank),
-                                 where=f"in the contrastive stage, step {step}",
-                                 lr=lr, lr_field="model.strategy_params.contrastive.lr")
-            losses.append(loss)
+            batch_loss = (partial(pair_batch_loss, engine.forward, batcher, train, pairs, batch,
+                                  device) if loss == "cosine" else
+                          partial(supcon_batch_loss, engine.forward, batcher, train, batch,
+                                  device))
+            value, _ = train_step(engine, batch_loss, seed=step_seed(cfg.train.seed, step, rank),
+                                  where=f"in the contrastive stage, step {step}",
+                                  lr=lr, lr_field="model.strategy_params.contrastive.lr")
+            losses.append(value)
         engine.train(False)
         feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
                             batcher, train, cfg.train.eval_batch_size)
@@ -323,14 +372,26 @@ def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, spli
                 **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
 
 
-@register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0)})
+def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
+                      batch: list[int], device: torch.device) -> torch.Tensor:
+    """The supervised contrastive loss on the examples ``batch``."""
+    return forward(labels=split.labels[batch].to(device),
+                   **batch_inputs(batcher, split, batch, "a_"))
+
+
+@register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
+                                          "temperature": (1e-3, 10.0)})
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
-                iterations: int = 5, lr: float = 2e-5) -> None:
+                iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
+                temperature: float = 0.05) -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
-    other-class example; ``lr``: learning rate of the pair stage on the body."""
-    _, feats = contrastive_stage(cfg, built, train, device, iterations=iterations, lr=lr)
+    other-class example; ``lr``: learning rate of the pair stage on the body; ``loss``:
+    ``cosine`` (SetFit's pair loss) or ``supcon`` (in-batch supervised contrastive, the same
+    compute); ``temperature``: supcon's softmax temperature."""
+    _, feats = contrastive_stage(cfg, built, train, device, iterations=iterations, lr=lr,
+                                 loss=loss, temperature=temperature)
     probe_head(cfg, built, train, device, feats=feats)
 
 
