@@ -171,10 +171,15 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 
 # fixed recipes, with and without self-training on the same draws: the method's own effect,
 # without the noise of selecting it by CV on a few dozen examples (named with --methods)
-ABLATIONS = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
-             "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"],
+ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
+                 "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"]}
+ABLATIONS = {**ABLATION_BASE,
              "supcon-probe": ["model.strategy=contrastive", "train.epochs=0",
-                              "model.strategy_params.contrastive.loss=supcon"]}
+                              "model.strategy_params.contrastive.loss=supcon"],
+             **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
+                                                        f"label_names={how}"]
+                for name, strategy in (("probe", "lp-ft"), ("contrastive-probe", "contrastive"))
+                for how in ("prior", "anchors")}}
 
 
 def run_fixed(overrides: list[str], cell: Cell, root: Path, out: str, args: argparse.Namespace

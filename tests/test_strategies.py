@@ -25,10 +25,12 @@ from trainers.strategies import (
     head_module,
     make_pairs,
     pair_loss,
+    probe_head,
     register_strategy,
     strategy_params,
     supcon_batches,
     supcon_loss,
+    zero_shot_prior,
 )
 
 CPU = torch.device("cpu")
@@ -111,7 +113,7 @@ def test_contrastive_stage_lowers_the_pair_loss_on_digits(tmp_path):
     built = create_model(cfg.model, data.num_classes)
     head_before = head_module(built).weight.detach().clone()
     before = pair_loss(cfg, built, data.train, CPU)
-    losses, feats = contrastive_stage(cfg, built, data.train, CPU, **strategy_params(cfg))
+    losses, feats, _ = contrastive_stage(cfg, built, data.train, CPU, **strategy_params(cfg))
     after = pair_loss(cfg, built, data.train, CPU)
     assert after < 0.8 * before, (before, after)
     assert len(losses) == -(-2 * 10 * len(data.train) // cfg.train.batch_size)
@@ -158,7 +160,7 @@ def test_supcon_stage_pulls_classes_together_on_digits(tmp_path):
     torch.manual_seed(0)
     built = create_model(cfg.model, data.num_classes)
     before = pair_loss(cfg, built, data.train, CPU)
-    losses, _ = contrastive_stage(cfg, built, data.train, CPU, **strategy_params(cfg))
+    losses, _, _ = contrastive_stage(cfg, built, data.train, CPU, **strategy_params(cfg))
     assert pair_loss(cfg, built, data.train, CPU) < 0.8 * before  # the pair criterion too
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
@@ -184,6 +186,55 @@ def test_contrastive_loss_names_are_checked_up_front(tmp_path):
                        r"not allowed \(allowed: cosine, supcon\); did you mean 'supcon'"):
         digits(tmp_path, "model.strategy=contrastive",
                "model.strategy_params.contrastive.loss=supcn")
+
+
+def test_zero_shot_prior_scales_with_what_the_names_know():
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 8 + [1] * 8)
+    centres = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    feats = centres[labels] + 0.3 * torch.randn(16, 16)
+    good = zero_shot_prior(feats, labels, centres * 3.0)  # names where the classes are
+    assert good.norm(dim=-1).min() > 1.0
+    torch.testing.assert_close(torch.nn.functional.normalize(good.float(), dim=-1), centres)
+    swapped = zero_shot_prior(feats, labels, centres.flip(0))  # names that point the wrong way
+    assert float(swapped.abs().max()) == 0.0  # scale 0: the plain probe's zero prior
+    # the probe stays at the prior when the L2 dominates, and fits the data when it does not
+    w, _ = fit_linear_probe(feats, labels, 2, c=1e-6, prior=good)
+    torch.testing.assert_close(w.double(), good, atol=1e-3, rtol=0)
+    w, b = fit_linear_probe(feats, labels, 2, prior=swapped)
+    assert float(((feats @ w.T + b).argmax(-1) == labels).float().mean()) == 1.0
+
+
+def test_label_name_anchors_are_one_more_example_per_class(tmp_path):
+    cfg = digits(tmp_path)
+    data = load_dataset(cfg.data, with_test=False)
+    built = create_model(cfg.model, data.num_classes)
+    feats = head_inputs(built, Batcher(cfg, built, CPU), data.train, 64)
+    names = torch.randn(data.num_classes, feats.shape[1])
+    probe_head(cfg, built, data.train, CPU, feats=feats, names=names, label_names="anchors")
+    w, b = fit_linear_probe(torch.cat([feats, names]),
+                            torch.cat([data.train.labels, torch.arange(data.num_classes)]),
+                            data.num_classes)
+    torch.testing.assert_close(head_module(built).weight.detach(), w)
+    torch.testing.assert_close(head_module(built).bias.detach(), b)
+
+
+@pytest.mark.parametrize("strategy", ["lp-ft", "contrastive"])
+def test_label_names_prior_uses_the_class_names(tmp_path, strategy, monkeypatch):
+    import trainers.strategies as strategies
+
+    seen, real = [], strategies.zero_shot_prior
+    monkeypatch.setattr(strategies, "zero_shot_prior",  # the real prior, its input recorded
+                        lambda feats, labels, names: seen.append(names.shape) or real(
+                            feats, labels, names))
+    result = fit(text(tmp_path, f"model.strategy={strategy}", "train.epochs=0",
+                      "model.strategy_params.contrastive.iterations=1",
+                      f"model.strategy_params.{strategy}.label_names=prior"))
+    assert seen == [(2, 384)]  # "negative", "positive" through MiniLM
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="label_names: needs a text dataset with class names"):
+        fit(digits(tmp_path, f"model.strategy={strategy}", "train.epochs=0",
+                   f"model.strategy_params.{strategy}.label_names=anchors"))
 
 
 def test_contrastive_runs_under_the_ddp_engine(tmp_path):

@@ -41,6 +41,7 @@ class Split:
     inputs: list[str] | torch.Tensor
     labels: torch.Tensor
     sources: list[str] = field(default_factory=list)  # file:line or path, for messages
+    classes: list[str] | None = None  # the class names, by label (what a strategy sees)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,7 +53,8 @@ class Split:
         else:
             inputs = [self.inputs[i] for i in idx]
         sources = [self.sources[i] for i in idx] if self.sources else []
-        return Split(inputs, self.labels[torch.as_tensor(idx, dtype=torch.long)], sources)
+        return Split(inputs, self.labels[torch.as_tensor(idx, dtype=torch.long)], sources,
+                     self.classes)
 
 
 @dataclass

@@ -276,7 +276,8 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     strategy.setup(built)
     if resume_dir is None:  # a resumed run already carries the prepared weights
-        strategy.prepare(cfg, built, train_split, device)
+        strategy.prepare(cfg, built, dataclasses.replace(train_split, classes=data.classes),
+                         device)
     if cfg.selftrain.rounds:
         train_split = self_train(cfg, built, train_split, data.unlabeled, device, run_dir,
                                  fresh=resume_dir is None, rank=rank)

@@ -190,13 +190,18 @@ def head_inputs(built: BuiltModel, batcher, split: Split, batch_size: int) -> to
 
 
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                     c: float = PROBE_C) -> tuple[torch.Tensor, torch.Tensor]:
+                     c: float = PROBE_C, prior: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, L2 on the weights (scikit-learn's objective / (C n)).
 
-    Full-batch L-BFGS in float64 from zeros: deterministic, and the same on every rank.
+    Full-batch L-BFGS in float64: deterministic, and the same on every rank. ``prior``
+    [classes, D]: the L2 pulls the weights towards it instead of towards zero (and they start
+    there), so with few examples the fit stays near what the prior already knows.
     """
     x = x.double()
-    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    w0 = (torch.zeros(num_classes, x.shape[1], dtype=torch.float64) if prior is None
+          else prior.double().clone())
+    w = w0.clone().requires_grad_(True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20,
@@ -205,7 +210,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y) + lam * (w * w).sum()
+        loss = F.cross_entropy(x @ w.T + b, y) + lam * ((w - w0) ** 2).sum()
         loss.backward()
         return loss
 
@@ -221,14 +226,63 @@ def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
         head.bias.copy_(bias.to(head.bias.device, head.bias.dtype))
 
 
+LabelNames = Literal["none", "prior", "anchors"]
+PRIOR_SCALES = (0.0, *(float(10 ** (k / 8)) for k in range(-8, 25)))  # 0, 0.1 ... 1000
+PRIOR_WEIGHTS = (0.0, 0.5, 1.0)
+
+
+def zero_shot_prior(feats: torch.Tensor, labels: torch.Tensor, names: torch.Tensor
+                    ) -> torch.Tensor:
+    """The zero-shot classifier the class names give, as far as the shots support it.
+
+    Its rows are the names' unit embeddings times the one scale (of 0, 0.1 ... 1000) whose
+    softmax fits the labelled examples best, times the weight (0, 1/2 or 1) under which the
+    probe predicts held-out shots best (log loss, 8-fold CV on the shots: cheap, the probe
+    fits in milliseconds).
+    Names that mislead ("objective" for plain facts) get weight 0: the plain probe."""
+    e = F.normalize(names.double(), dim=-1)
+    cos = feats.double() @ e.T
+    losses = [float(F.cross_entropy(s * cos, labels)) for s in PRIOR_SCALES]
+    calibrated = PRIOR_SCALES[losses.index(min(losses))] * e
+    n, num_classes = len(labels), len(e)
+    fold = torch.arange(n) % min(n, 8)
+    scores = []
+    for weight in PRIOR_WEIGHTS:
+        held_out = 0.0
+        for k in fold.unique():
+            out = fold == k
+            w, b = fit_linear_probe(feats[~out], labels[~out], num_classes,
+                                    prior=weight * calibrated)
+            held_out += float(F.cross_entropy(feats[out].double() @ w.T.double() + b.double(),
+                                              labels[out], reduction="sum"))
+        scores.append(held_out)
+    return PRIOR_WEIGHTS[scores.index(min(scores))] * calibrated
+
+
+def class_names(train: Split) -> Split:
+    """The class names as a split of texts (label i = name i), to embed like examples."""
+    if not train.classes or not isinstance(train.inputs, list):
+        raise ConfigError("label_names: needs a text dataset with class names (data.format="
+                          "text; data.label_text_column names the column)")
+    return Split(list(train.classes), torch.arange(len(train.classes)))
+
+
 def probe_head(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
-               feats: torch.Tensor | None = None) -> None:
-    """Fit the probe on the head's inputs and copy it into the head."""
+               feats: torch.Tensor | None = None, names: torch.Tensor | None = None,
+               label_names: LabelNames = "none") -> None:
+    """Fit the probe on the head's inputs and copy it into the head. With ``names``, the class
+    names' embeddings: ``prior`` pulls the probe towards their zero-shot classifier,
+    ``anchors`` adds each name as one more labelled example of its class."""
     if feats is None:
         built.module.to(device)
         feats = head_inputs(built, Batcher(cfg, built, device), train, cfg.train.eval_batch_size)
     num_classes = head_module(built).out_features
-    w, b = fit_linear_probe(feats, train.labels, num_classes)
+    labels, prior = train.labels, None
+    if names is not None and label_names == "prior":
+        prior = zero_shot_prior(feats, labels, names)
+    elif names is not None and label_names == "anchors":
+        feats, labels = torch.cat([feats, names]), torch.cat([labels, torch.arange(len(names))])
+    w, b = fit_linear_probe(feats, labels, num_classes, prior=prior)
     set_head(head_module(built), w, b)
 
 
@@ -238,9 +292,17 @@ def full(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) 
 
 
 @register_strategy("lp-ft")
-def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
-    """Linear probe on frozen embeddings first, then the main loop fine-tunes from that head."""
-    probe_head(cfg, built, train, device)
+def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
+          label_names: LabelNames = "none") -> None:
+    """Linear probe on frozen embeddings first, then the main loop fine-tunes from that head.
+
+    ``label_names``: ``prior`` or ``anchors``, how the class names help the probe (probe_head)."""
+    names = None
+    if label_names != "none":
+        built.module.to(device)
+        names = head_inputs(built, Batcher(cfg, built, device), class_names(train),
+                            cfg.train.eval_batch_size)
+    probe_head(cfg, built, train, device, names=names, label_names=label_names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,9 +388,10 @@ def supcon_batches(labels: list[int], iterations: int, batch_size: int, seed: in
 
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                       *, iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
-                      temperature: float = 0.05) -> tuple[list[float], torch.Tensor]:
-    """Train the body with the contrastive ``loss``; the per-step losses and the new train
-    embeddings."""
+                      temperature: float = 0.05, also: Split | None = None
+                      ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
+    """Train the body with the contrastive ``loss``; the per-step losses, the new train
+    embeddings and the new embeddings of ``also`` (e.g. the class names), when given."""
     rank, world_size = world()
     labels = train.labels.tolist()
     bs = cfg.train.batch_size
@@ -357,10 +420,12 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
                                   lr=lr, lr_field="model.strategy_params.contrastive.lr")
             losses.append(value)
         engine.train(False)
-        feats = embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
-                            batcher, train, cfg.train.eval_batch_size)
+        def embed(split: Split) -> torch.Tensor:  # through the engine: ZeRO-3 shards the body
+            return embed_split(lambda **x: engine.forward(**{"a_" + k: v for k, v in x.items()}),
+                               batcher, split, cfg.train.eval_batch_size)
+        feats, extra = embed(train), (embed(also) if also is not None else None)
     built.module.train(True)
-    return losses, feats
+    return losses, feats, extra
 
 
 def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
@@ -383,16 +448,18 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
                                           "temperature": (1e-3, 10.0)})
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
-                temperature: float = 0.05) -> None:
+                temperature: float = 0.05, label_names: LabelNames = "none") -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
     other-class example; ``lr``: learning rate of the pair stage on the body; ``loss``:
     ``cosine`` (SetFit's pair loss) or ``supcon`` (in-batch supervised contrastive, the same
-    compute); ``temperature``: supcon's softmax temperature."""
-    _, feats = contrastive_stage(cfg, built, train, device, iterations=iterations, lr=lr,
-                                 loss=loss, temperature=temperature)
-    probe_head(cfg, built, train, device, feats=feats)
+    compute); ``temperature``: supcon's softmax temperature; ``label_names``: ``prior`` or
+    ``anchors``, how the class names (embedded by the trained body) help the probe."""
+    _, feats, names = contrastive_stage(
+        cfg, built, train, device, iterations=iterations, lr=lr, loss=loss,
+        temperature=temperature, also=class_names(train) if label_names != "none" else None)
+    probe_head(cfg, built, train, device, feats=feats, names=names, label_names=label_names)
 
 
 def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
