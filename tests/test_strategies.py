@@ -232,9 +232,10 @@ def test_label_names_prior_uses_the_class_names(tmp_path, strategy, monkeypatch)
                       f"model.strategy_params.{strategy}.label_names=prior"))
     assert seen == [(2, 384)]  # "negative", "positive" through MiniLM
     assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
-    with pytest.raises(ConfigError, match="label_names: needs a text dataset with class names"):
-        fit(digits(tmp_path, f"model.strategy={strategy}", "train.epochs=0",
-                   f"model.strategy_params.{strategy}.label_names=anchors"))
+    with pytest.raises(ConfigError, match=rf"model.strategy_params.{strategy}.label_names="
+                       r"anchors: class names are text; data.format=digits has none"):
+        digits(tmp_path, f"model.strategy={strategy}", "train.epochs=0",
+               f"model.strategy_params.{strategy}.label_names=anchors")
 
 
 def test_contrastive_runs_under_the_ddp_engine(tmp_path):

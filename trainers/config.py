@@ -358,6 +358,11 @@ class RunConfig:
         if self.selftrain.rounds and self.data.unlabeled is None:
             raise ConfigError(f"selftrain.rounds={self.selftrain.rounds}: self-training needs "
                               f"unlabelled examples; set data.unlabeled=rest or a file")
+        for name, params in self.model.strategy_params.items():
+            how = params.get("label_names", "none") if isinstance(params, dict) else "none"
+            if how != "none" and self.data.format != "text":
+                raise ConfigError(f"model.strategy_params.{name}.label_names={how}: class names "
+                                  f"are text; data.format={self.data.format} has none to embed")
 
     # -- derived ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
