@@ -174,7 +174,7 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0"]}
 ABLATIONS = {**ABLATION_BASE,
-             "supcon-probe": ["model.strategy=contrastive", "train.epochs=0",
+             "supcon-probe": [*ABLATION_BASE["contrastive-probe"],
                               "model.strategy_params.contrastive.loss=supcon"],
              **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
                                                         f"label_names={how}"]
@@ -369,7 +369,7 @@ def cv_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str
         chosen = sel and next((t for t in sel["trials"] if t["params"] == sel["params"]), None)
         if not chosen or chosen["cv"] is None:
             continue
-        c = cv_check(chosen["cv"], chosen["cv_std"], sel["folds"], [r["value"]],
+        c = cv_check(chosen["cv"], chosen["cv_std"], sel["folds"], r["value"],
                      n_val=len(r.get("train_lines") or []) or None)
         agg = out.setdefault((r["method"], r["dataset"], r["shots"]),
                              {"holds": 0, "below": 0, "above": 0, "gaps": []})

@@ -164,7 +164,7 @@ def pick_best(rows: list[TrialRow], cfg: RunConfig) -> tuple[TrialRow | None, st
     return default, f"tune.prefer: the top beats it by {gain:.4g} <= margin {margin:.4g}"
 
 
-def cv_check(cv: float, cv_std: float | None, folds: int, tested: list[float], *,
+def cv_check(cv: float, cv_std: float | None, folds: int, test: float, *,
              n_val: int | None = None, mode: str = "max") -> dict[str, Any]:
     """Whether the chosen config's final test landed where its k-fold CV said it would.
 
@@ -177,7 +177,6 @@ def cv_check(cv: float, cv_std: float | None, folds: int, tested: list[float], *
     if n_val and 0.0 <= cv <= 1.0:
         var += cv * (1.0 - cv) / n_val
     tolerance = 2.0 * math.sqrt(var)
-    test = sum(tested) / len(tested)
     gap = (test - cv) * (1.0 if mode == "max" else -1.0)  # > 0: the test did better
     verdict = "holds" if abs(gap) <= tolerance else ("below" if gap < 0 else "above")
     return {"cv": cv, "cv_std": cv_std, "folds": folds, "n_val": n_val, "test": test,
@@ -439,11 +438,10 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
                "per_seed": per_seed, "test": results.summary, "std": results.std_kind}
     # the CV split one draw (the sweep's data.seed): its final run is the like-for-like test
     test_key, draw = rep.metric.replace("val/", "test/", 1), rep.cfg.data.seed
-    tested = {row["seed"]: row[test_key] for row in per_seed
-              if isinstance(row.get(test_key), (int, float))}
-    if rep.cfg.data.folds > 1 and best.score is not None and draw in tested:
-        summary["cv_check"] = {**cv_check(best.score, best.std, rep.cfg.data.folds,
-                                          [tested[draw]], n_val=_validated(out / f"seed-{draw}"),
+    tested = next((row.get(test_key) for row in per_seed if row["seed"] == draw), None)
+    if rep.cfg.data.folds > 1 and best.score is not None and isinstance(tested, (int, float)):
+        summary["cv_check"] = {**cv_check(best.score, best.std, rep.cfg.data.folds, tested,
+                                          n_val=_validated(out / f"seed-{draw}"),
                                           mode=rep.cfg.tune.mode), "seed": draw}
     io.write_json(cache, summary)
     return summary

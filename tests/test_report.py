@@ -190,14 +190,14 @@ def test_cv_check_verdicts() -> None:
     from cluster.report import cv_check, cv_check_text
 
     # 2 folds 0.1 apart, 16 validated examples: 2 * sqrt(0.01 / 2 + 0.8 * 0.2 / 16) = 0.245
-    holds = cv_check(0.8, 0.1, 2, [0.7], n_val=16)
+    holds = cv_check(0.8, 0.1, 2, 0.7, n_val=16)
     assert holds["tolerance"] == pytest.approx(0.2449, abs=1e-4) and holds["verdict"] == "holds"
-    below = cv_check(0.83, 0.02, 2, [0.55], n_val=16)
+    below = cv_check(0.83, 0.02, 2, 0.55, n_val=16)
     assert below["verdict"] == "below" and below["gap"] == pytest.approx(-0.28)
     assert "did not hold" in cv_check_text(below, "test/accuracy")
-    assert cv_check(0.5, 0.0, 2, [0.9], n_val=16)["verdict"] == "above"
-    assert cv_check(1.2, 0.2, 2, [1.0], mode="min")["verdict"] == "holds"  # a loss: spread only
-    assert cv_check(1.2, 0.0, 2, [1.0], mode="min")["gap"] == pytest.approx(0.2)  # lower: better
+    assert cv_check(0.5, 0.0, 2, 0.9, n_val=16)["verdict"] == "above"
+    assert cv_check(1.2, 0.2, 2, 1.0, mode="min")["verdict"] == "holds"  # a loss: spread only
+    assert cv_check(1.2, 0.0, 2, 1.0, mode="min")["gap"] == pytest.approx(0.2)  # lower: better
 
 
 def test_the_preferred_point_stays_best_unless_beaten_beyond_the_noise(tmp_path: Path) -> None:
