@@ -9,8 +9,8 @@ import torch.distributed as dist
 from conftest import CONFIGS, need_shared
 from interrupts import Interrupt, interrupted_at
 
-from trainers.batches import Batcher
-from trainers.data import load_dataset
+from trainers.batches import Batcher, inference_batches
+from trainers.data import Split, load_dataset
 from trainers.errors import ConfigError
 from trainers.loop import fit
 from trainers.models import create_model
@@ -30,6 +30,7 @@ from trainers.strategies import (
     strategy_params,
     supcon_batches,
     supcon_loss,
+    swapped_head,
     zero_shot_prior,
 )
 
@@ -203,6 +204,29 @@ def test_zero_shot_prior_scales_with_what_the_names_know():
     torch.testing.assert_close(w.double(), good, atol=1e-3, rtol=0)
     w, b = fit_linear_probe(feats, labels, 2, prior=swapped)
     assert float(((feats @ w.T + b).argmax(-1) == labels).float().mean()) == 1.0
+
+
+def test_inference_batches_pad_little_and_keep_the_input_order(tmp_path):
+    cfg = text(tmp_path, "data.max_length=64")
+    data = load_dataset(cfg.data, with_test=False)
+    built = create_model(cfg.model, data.num_classes)
+    batcher = Batcher(cfg, built, CPU)
+    texts = ["ok", "a much longer sentence that goes on and on about the film", "fine",
+             "bad", "another long review which keeps going for quite a few more words", "meh"]
+    split = Split(texts, torch.zeros(len(texts), dtype=torch.long))
+    batches, restore = inference_batches(texts, 3)
+    assert batches == [[0, 3, 5], [2, 1, 4]]  # shortest first (characters), ties in order
+    padded = sum(batcher.inputs(split, b)["input_ids"].numel() for b in batches)
+    in_order = sum(batcher.inputs(split, list(range(s, s + 3)))["input_ids"].numel()
+                   for s in (0, 3))
+    assert padded < in_order
+    feats = head_inputs(built, batcher, split, 3)
+    built.module.eval()
+    with swapped_head(built, torch.nn.Identity()):
+        one_by_one = torch.cat([built.module(**batcher.inputs(split, [i])) for i in range(6)])
+    torch.testing.assert_close(feats, one_by_one, atol=1e-5, rtol=1e-4)
+    images = torch.zeros(5, 1, 2, 2)
+    assert inference_batches(images, 2)[0] == [[0, 1], [2, 3], [4]]
 
 
 def test_label_name_anchors_are_one_more_example_per_class(tmp_path):

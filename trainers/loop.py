@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers import augmenting, io
-from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
+from trainers.batches import Batcher, epoch_order, inference_batches, make_train_batch, step_seed
 from trainers.checkpoints import (
     Checkpoints,
     barrier,
@@ -94,13 +94,11 @@ def print0(*args: Any) -> None:
 @torch.no_grad()
 def predict(engine, batcher: Batcher, split: Split, batch_size: int) -> np.ndarray:
     engine.train(False)
-    preds = []
-    for start in range(0, len(split), batch_size):
-        idx = list(range(start, min(start + batch_size, len(split))))
-        logits = engine.forward(**batcher.inputs(split, idx))
-        preds.append(logits.float().argmax(-1).cpu())
+    batches, restore = inference_batches(split.inputs, batch_size)
+    preds = [engine.forward(**batcher.inputs(split, idx)).float().argmax(-1).cpu()
+             for idx in batches]
     engine.train(True)
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    return torch.cat(preds)[restore].numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
 def evaluate(engine, batcher: Batcher, split: Split, num_classes: int, batch_size: int,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from trainers import io
-from trainers.batches import Batcher
+from trainers.batches import Batcher, inference_batches
 from trainers.config import RunConfig, from_dict
 from trainers.data import IMAGE_SUFFIXES, TEXT_SUFFIXES, load_image, read_text_file
 from trainers.errors import DataError, SmallshotError
@@ -240,15 +240,18 @@ class Predictor:
         """Class probabilities [N, C], batch by batch (a progress bar when asked)."""
         from tqdm.auto import tqdm
 
-        n = len(inputs)
+        batches, restore = inference_batches(inputs, batch_size)
         out = []
-        with tqdm(total=n, desc="predict", unit="ex", disable=not progress, leave=False,
-                  file=sys.stderr) as bar:
-            for start in range(0, n, batch_size):
-                logits = self.logits(inputs[start:start + batch_size])
+        with tqdm(total=len(inputs), desc="predict", unit="ex", disable=not progress,
+                  leave=False, file=sys.stderr) as bar:
+            for idx in batches:
+                logits = self.logits([inputs[i] for i in idx] if not torch.is_tensor(inputs)
+                                     else inputs[torch.tensor(idx)])
                 out.append(_softmax(logits))
                 bar.update(len(logits))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        if not out:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate(out)[restore.numpy()]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

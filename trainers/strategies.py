@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.batches import Batcher, epoch_order, step_seed
+from trainers.batches import Batcher, epoch_order, inference_batches, step_seed
 from trainers.config import RunConfig
 from trainers.data import Split
 from trainers.engines import create_engine, world
@@ -171,11 +171,9 @@ def batch_inputs(batcher, split: Split, idx: list[int], prefix: str = "") -> dic
 def embed_split(forward: Callable[..., torch.Tensor], batcher, split: Split,
                 batch_size: int) -> torch.Tensor:
     """Embeddings of every example of ``split`` through ``forward`` (float32, on the CPU)."""
-    out = []
-    for start in range(0, len(split), batch_size):
-        idx = list(range(start, min(start + batch_size, len(split))))
-        out.append(forward(**batcher.inputs(split, idx)).float().cpu())
-    return torch.cat(out)
+    batches, restore = inference_batches(split.inputs, batch_size)
+    return torch.cat([forward(**batcher.inputs(split, idx)).float().cpu()
+                      for idx in batches])[restore]
 
 
 @torch.no_grad()
