@@ -58,7 +58,7 @@ def run(out: Path, case: str, rep: int) -> dict[str, Any]:
     name = f"case{list(CASES).index(case)}-{rep}"
     cmd = [sys.executable, "launch.py", "train", "configs/fewshot-minilm.yaml",
            f"data.root={SST2}", f"train.output_dir={out}", f"train.run_name={name}",
-           "train.num_threads=1", "scaling.cpus_per_worker=1", *overrides]
+           "train.epochs=10", "train.num_threads=1", "scaling.cpus_per_worker=1", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           check=False, env={**launch_env(out, case == KEPT), **env})
