@@ -94,6 +94,23 @@ def test_paired_differences_and_selection_counts():
     assert picks == {("smallshot", "cr", 8): [("strategy=lp-ft", 3), ("strategy=contrastive", 1)]}
 
 
+def test_goal_check_counts_datasets_ahead_margins_and_time_on_paired_draws():
+    rows = [{"dataset": ds, "shots": 8, "seed": s, "method": m, "value": v, "seconds": t}
+            for ds, ours in (("cr", (0.8, 0.7)), ("mr", (0.55, 0.6)))
+            for s, mine in enumerate(ours)
+            for m, v, t in (("smallshot", mine, 20.0), ("setfit", 0.6, 40.0))]
+    rows.append({"dataset": "cr", "shots": 8, "seed": 2, "method": "smallshot", "value": 0.0,
+                 "seconds": 500.0})  # no setfit cell: counts nowhere
+    c = bench.goal_checks(rows, ["smallshot", "setfit"])[("smallshot", 8)]
+    assert (c["ahead"], c["datasets"]) == (1, 2)  # cr +0.15, mr -0.025
+    assert c["mean_margin"] == pytest.approx(0.0625) and c["min_margin"] == pytest.approx(-0.025)
+    assert (c["seconds"], c["baseline_seconds"]) == (20.0, 40.0)
+    assert "| smallshot | 8 | 1/2 | +6.3 | -2.5 | 20 (40) | no |" in bench.goal_table(
+        {("smallshot", 8): c})
+    c.update(ahead=2, min_margin=0.01)
+    assert bench.goal_table({("smallshot", 8): c}).rstrip().endswith("| yes |")
+
+
 def test_cv_checks_compare_each_final_run_with_its_chosen_trial():
     def row(seed, value, chosen):
         trials = [{"params": {"model.strategy": "lp-ft"}, "cv": 0.8, "cv_std": 0.1},

@@ -17,6 +17,7 @@ from trainers.models import create_model
 from trainers.recipe import load_config
 from trainers.strategies import (
     STRATEGIES,
+    PairModel,
     apply_strategy,
     contrastive_stage,
     create_strategy,
@@ -24,6 +25,7 @@ from trainers.strategies import (
     head_inputs,
     head_module,
     make_pairs,
+    pair_batch_loss,
     pair_loss,
     probe_head,
     register_strategy,
@@ -122,6 +124,26 @@ def test_contrastive_stage_lowers_the_pair_loss_on_digits(tmp_path):
     assert torch.equal(head_module(built).weight, head_before)  # the stage leaves the head be
 
 
+def test_pair_batches_encode_each_example_once_and_score_every_pair(tmp_path):
+    cfg = digits(tmp_path)
+    data = load_dataset(cfg.data, with_test=False)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    batcher = Batcher(cfg, built, CPU)
+    pairs = [(0, 1, 1.0), (0, 2, 0.0), (3, 0, 0.0), (2, 2, 1.0)]  # texts 0, 1, 2, 3
+    seen = []
+    built.module.eval()
+    with torch.no_grad(), swapped_head(built, torch.nn.Identity()):
+        model = PairModel(built.module)
+        loss = pair_batch_loss(lambda **x: seen.append(x["a_pixels"].shape[0]) or model(**x),
+                               batcher, data.train, pairs, [0, 1, 2, 3], CPU)
+        emb = built.module(**batcher.inputs(data.train, list(range(4))))
+    cos = torch.stack([torch.nn.functional.cosine_similarity(emb[i], emb[j], dim=0)
+                       for i, j, _ in pairs])
+    torch.testing.assert_close(loss, ((cos - torch.tensor([1.0, 0.0, 0.0, 1.0])) ** 2).mean())
+    assert seen == [4]  # 8 slots, 4 distinct examples, one forward
+
+
 def test_supcon_loss_matches_its_definition_and_prefers_tight_classes():
     torch.manual_seed(0)
     emb, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 1, 2])  # class 2: no partner
@@ -148,7 +170,7 @@ def test_supcon_batches_cost_what_the_pair_rounds_cost():
     batches = supcon_batches(labels, iterations=3, batch_size=8, seed=0)
     pairs = make_pairs(labels, 3, 0)
     assert len(batches) == -(-len(pairs) // 8)  # as many steps as the pair loss
-    assert sum(map(len, batches)) == 2 * len(pairs)  # encoding as many texts
+    assert sum(map(len, batches)) == 2 * len(pairs)  # as many example slots
     flat = [i for b in batches for i in b]
     assert all(flat.count(i) == 12 for i in range(16))  # each example 4x a round
     assert batches == supcon_batches(labels, 3, 8, 0)

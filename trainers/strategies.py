@@ -331,10 +331,10 @@ ContrastiveLoss = Literal["cosine", "supcon"]
 class PairModel(nn.Module):
     """The body alone (head swapped out): embeddings of ``a_*`` inputs, or a contrastive loss.
 
-    forward(a_..., b_..., target) -> MSE between cos(emb_a, emb_b) and the target (SetFit's
-    CosineSimilarityLoss); forward(a_..., labels) -> the supervised contrastive loss of the
-    batch; forward(a_...) -> emb_a. Only the body's parameters live here, so DDP sees no
-    unused parameters.
+    forward(a_..., left, right, target) -> MSE between cos(emb[left], emb[right]) and the
+    target (SetFit's CosineSimilarityLoss), where ``a_`` holds each text of the pairs once;
+    forward(a_..., labels) -> the supervised contrastive loss of the batch; forward(a_...) ->
+    the embeddings. Only the body's parameters live here, so DDP sees no unused parameters.
     """
 
     def __init__(self, body: nn.Module, temperature: float = 0.05):
@@ -343,14 +343,14 @@ class PairModel(nn.Module):
         self.temperature = temperature
 
     def forward(self, target: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                left: torch.Tensor | None = None, right: torch.Tensor | None = None,
                 **inputs: torch.Tensor) -> torch.Tensor:
-        emb_a = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("a_")})
+        emb = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("a_")})
         if labels is not None:
-            return supcon_loss(emb_a, labels, self.temperature)
+            return supcon_loss(emb, labels, self.temperature)
         if target is None:
-            return emb_a
-        emb_b = self.body(**{k[2:]: v for k, v in inputs.items() if k.startswith("b_")})
-        cos = F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1)
+            return emb
+        cos = F.cosine_similarity(emb[left].float(), emb[right].float(), dim=-1)
         return F.mse_loss(cos, target.float())
 
 
@@ -373,9 +373,10 @@ def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> 
 
 def supcon_batches(labels: list[int], iterations: int, batch_size: int, seed: int
                    ) -> list[list[int]]:
-    """Example batches of ``2 * batch_size`` for the supcon loss: as many steps, each encoding
-    as many texts, as the pair loss's ``iterations`` rounds (every example is encoded about 4
-    times a round there: anchor of 2 pairs, partner of ~2)."""
+    """Example batches of ``2 * batch_size`` for the supcon loss: as many steps, each with as
+    many example slots, as the pair loss's ``iterations`` rounds (every example fills about 4
+    slots a round there: anchor of 2 pairs, partner of ~2). The pair loss encodes a text once
+    per batch however many of its slots it fills, so on few examples it encodes fewer."""
     rng = random.Random(seed)
     seq: list[int] = []
     for _ in range(4 * iterations):
@@ -429,10 +430,17 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
 def pair_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
                     pairs: list[tuple[int, int, float]], batch: list[int],
                     device: torch.device) -> torch.Tensor:
-    """The pair loss (a PairModel's forward, or an engine's around it) on pairs ``batch``."""
-    target = torch.tensor([pairs[k][2] for k in batch], device=device)
-    return forward(target=target, **batch_inputs(batcher, split, [pairs[k][0] for k in batch], "a_"),
-                **batch_inputs(batcher, split, [pairs[k][1] for k in batch], "b_"))
+    """The pair loss (a PairModel's forward, or an engine's around it) on pairs ``batch``.
+
+    Each text of the batch is encoded once, however many of its pairs it is in: with 16
+    examples, a batch of 8 pairs names about 10 distinct texts, not 16."""
+    a, b = [pairs[k][0] for k in batch], [pairs[k][1] for k in batch]
+    texts = sorted(set(a) | set(b))
+    where = {i: p for p, i in enumerate(texts)}
+    return forward(target=torch.tensor([pairs[k][2] for k in batch], device=device),
+                   left=torch.tensor([where[i] for i in a], device=device),
+                   right=torch.tensor([where[i] for i in b], device=device),
+                   **batch_inputs(batcher, split, texts, "a_"))
 
 
 def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, split: Split,
