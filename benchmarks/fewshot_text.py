@@ -357,11 +357,11 @@ def goal_checks(rows: list[dict[str, Any]], methods: list[str], baseline: str = 
     diffs = paired_differences(rows, methods, baseline)
     secs = {(r["dataset"], r["shots"], r["seed"], r["method"]): r["seconds"] for r in rows}
     out: dict[tuple[str, int], dict[str, Any]] = {}
-    for m in methods:
+    for m in (m for m in methods if m != baseline):
         for n in sorted({r["shots"] for r in rows}):
             margins = [by[m]["mean"] for key, by in diffs.items()
                        if key.endswith(f"/N={n}") and m in by]
-            if m == baseline or not margins:
+            if not margins:
                 continue
             both = [(t, secs[ds, sh, seed, baseline]) for (ds, sh, seed, mm), t in secs.items()
                     if mm == m and sh == n and (ds, sh, seed, baseline) in secs]

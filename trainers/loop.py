@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers import augmenting, io
-from trainers.batches import Batcher, epoch_order, inference_batches, make_train_batch, step_seed
+from trainers.batches import Batcher, epoch_order, make_train_batch, step_seed
 from trainers.checkpoints import (
     Checkpoints,
     barrier,
@@ -54,7 +54,7 @@ from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
 from trainers.selftrain import self_train
 from trainers.steps import train_step
-from trainers.strategies import Strategy, build_strategy
+from trainers.strategies import Strategy, build_strategy, embed_split
 from trainers.timing import Laps
 from trainers.tracking import Tracker
 
@@ -93,12 +93,12 @@ def print0(*args: Any) -> None:
 
 @torch.no_grad()
 def predict(engine, batcher: Batcher, split: Split, batch_size: int) -> np.ndarray:
+    if len(split) == 0:
+        return np.zeros(0, dtype=np.int64)
     engine.train(False)
-    batches, restore = inference_batches(split.inputs, batch_size)
-    preds = [engine.forward(**batcher.inputs(split, idx)).float().argmax(-1).cpu()
-             for idx in batches]
+    logits = embed_split(engine.forward, batcher, split, batch_size)
     engine.train(True)
-    return torch.cat(preds)[restore].numpy() if preds else np.zeros(0, dtype=np.int64)
+    return logits.argmax(-1).numpy()
 
 
 def evaluate(engine, batcher: Batcher, split: Split, num_classes: int, batch_size: int,
