@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from sklearn import metrics as skm
 
 from trainers.config import OptimConfig
@@ -48,6 +49,30 @@ def test_optimizer_registry_builds_each_and_refuses_unknown():
     with pytest.raises(ConfigError, match="optim.name: unknown optimizer 'adamm'.*did you mean 'adam'"):
         create_optimizer(OptimConfig(name="adamm"), model)
 
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "momentum", "adam", "adamw"])
+def test_optimizers_take_the_fused_kernel_and_step_like_the_loop(name):
+    """The fused update is the per-tensor loop's arithmetic in one kernel: the same weights
+    after a few steps; parameters no fused kernel takes (on the meta device) fall back."""
+    torch.manual_seed(0)
+    nets = [MLP(4, 8, 3), MLP(4, 8, 3)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    cfg = OptimConfig(name=name, lr=0.05, weight_decay=0.01, momentum=0.9)
+    fused, looped = create_optimizer(cfg, nets[0]), create_optimizer(cfg, nets[1])
+    assert fused.defaults["fused"] is True
+    looped.defaults["fused"] = False
+    for g in looped.param_groups:
+        g["fused"] = False
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, looped)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not create_optimizer(cfg, MLP(4, 8, 3).to("meta")).defaults.get("fused")
 
 def test_l1_l2_penalties_add_to_the_loss_and_shrink_weights():
     torch.manual_seed(0)
