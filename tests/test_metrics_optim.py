@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from sklearn import metrics as skm
+from torch import nn
 
 from trainers.config import OptimConfig
 from trainers.errors import ConfigError
