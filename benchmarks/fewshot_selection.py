@@ -2,13 +2,15 @@
 
 Runs ``launch.py tune configs/fewshot-minilm.yaml data.folds=2`` (4 trials x 2 folds on one
 SST-2 draw of 8 shots per class, then one final run of the best config on the test split) as a
-user would, in a new process, once with a fresh process per trial (``tune.reuse_runners=false``,
-the old path) and once with warm runners (the default), the two taking turns. Pure training is
-what every run spends learning and scoring - ``trainers.timing`` phases ``strategy`` (the
-contrastive / probe stage), ``train`` and ``evaluate`` - summed over the 8 fold runs and the
-final run. Goal: wall <= 1.5x that sum.
+user would, in a new process, once per mode, one after another: ``fresh`` (a new process per
+trial, ``tune.reuse_runners=false``), ``warm`` (warm runners) and ``shared`` (warm runners, and
+trials that differ only after the strategy share its prepared model per fold,
+``tune.reuse_prepared``: the default). Pure training is what every run spends learning and
+scoring - ``trainers.timing`` phases ``strategy`` (the contrastive / probe stage), ``train``
+and ``evaluate`` - summed over the 8 fold runs and the final run. Goal: wall <= 1.5x that sum.
+Every mode must score each trial the same (the CV scores are compared).
 
-    python -m benchmarks.fewshot_selection            # ~10 min on 2 cores
+    python -m benchmarks.fewshot_selection [--modes warm shared]   # ~15 min on 2 cores
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from benchmarks.common import SST2, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ("strategy", "train", "evaluate")
-MODES = {"fresh": "false", "warm": "true"}
+MODES = {"fresh": ["tune.reuse_runners=false", "tune.reuse_prepared=false"],
+         "warm": ["tune.reuse_runners=true", "tune.reuse_prepared=false"],
+         "shared": ["tune.reuse_runners=true", "tune.reuse_prepared=true"]}
 
 
 def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -37,8 +41,7 @@ def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str
     overrides), timed; what its runs spent per phase."""
     cmd = [sys.executable, "launch.py", "tune", "configs/fewshot-minilm.yaml", "data.folds=2",
            f"data.root={SST2}", f"train.output_dir={out}", f"tune.name=select-{mode}",
-           "tune.final_seeds=1", f"tune.reuse_runners={MODES.get(mode, 'true')}", *extra,
-           "--overwrite"]
+           "tune.final_seeds=1", *MODES.get(mode, []), *extra, "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
@@ -54,47 +57,67 @@ def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str
     fit_total = sum(sum(t.values()) for t in timings)
     trials = [json.loads(p.read_text()) for p in sweep.glob("runs/*/trial.json")]
     pids = {t["pid"] for t in trials}
+    scores = {}
+    for t in trials:  # the CV score each trial reported last, by its sampled params
+        rows = (sweep / t["trial_id"] / "result.json").read_text().splitlines()
+        key = ", ".join(f"{k}={v}" for k, v in sorted(t["params"].items()))
+        scores[key] = json.loads(rows[-1]).get("val/accuracy") if rows else None
     plan = re.search(r"resource plan: (\d+) trial", proc.stdout)
     return {"wall_s": round(wall, 1), "concurrency": int(plan.group(1)) if plan else None, "runs": len(runs), "pure_training_s": round(pure, 1),
             "fit_total_s": round(fit_total, 1), "ratio": round(wall / pure, 2),
-            "trial_processes": len(pids), "trials": trials,
+            "trial_processes": len(pids), "trials": trials, "cv_scores": scores,
             "phases_s": {k: round(sum(t.get(k, 0.0) for t in timings), 2)
                          for k in dict.fromkeys(k for t in timings for k in t)}}
 
 
 def markdown(res: dict[str, Any]) -> str:
+    modes = res["modes"]
+    base = modes.get("warm") or next(iter(modes.values()))
     rows = []
-    for mode, r in res["modes"].items():
+    for mode, r in modes.items():
         ok = "✓" if r["ratio"] <= 1.5 else "✗"
         rows.append([mode, str(r["trial_processes"]), f"{r['wall_s']:.1f}",
+                     f"{r['wall_s'] / base['wall_s']:.2f}x",
                      f"{r['pure_training_s']:.1f}", f"{r['fit_total_s']:.1f}",
                      f"**{r['ratio']:.2f}x** (goal ≤ 1.5) {ok}"])
-    phases = sorted({k for r in res["modes"].values() for k in r["phases_s"]})
-    phase_rows = [[k] + [f"{r['phases_s'].get(k, 0.0):.2f}" for r in res["modes"].values()]
+    phases = sorted({k for r in modes.values() for k in r["phases_s"]})
+    phase_rows = [[k] + [f"{r['phases_s'].get(k, 0.0):.2f}" for r in modes.values()]
                   for k in phases]
+    same = len({json.dumps(r["cv_scores"], sort_keys=True) for r in modes.values()}) == 1
+    score_rows = [[k] + [f"{r['cv_scores'].get(k)}" for r in modes.values()]
+                  for k in sorted(base["cv_scores"])]
     load = ", ".join(f"{x:.1f}" for x in res["load_average"])
     return ("# Few-shot selection end to end (`launch.py tune configs/fewshot-minilm.yaml "
             "data.folds=2`)\n\n"
-            + markdown_table(["runners", "trial processes", "wall (s)", "pure training (s)",
-                              "all of fit (s)", "wall / pure training"], rows)
+            + markdown_table(["mode", "trial processes", "wall (s)", "wall vs warm",
+                              "pure training (s)", "all of fit (s)", "wall / pure training"],
+                             rows)
             + f"\nOne SST-2 draw (8 shots per class), 4 trials x 2 folds + 1 final run "
-            f"(tune.final_seeds=1) = {res['modes']['warm']['runs']} runs; wall includes the "
-            f"new process, `ray.init`, the sweep and the report. Pure training = "
-            f"`trainers.timing` phases {', '.join(PURE)} summed over the runs (trials run "
-            f"{res['modes']['warm']['concurrency']} at a time, so wall may be below the sum).\n\n"
+            f"(tune.final_seeds=1) = {base['runs']} runs; wall includes the new process, "
+            f"`ray.init`, the sweep and the report. Modes: fresh = a new process per trial; warm "
+            f"= warm runners; shared = warm runners + trials that differ only after the "
+            f"strategy share its prepared model per fold (`tune.reuse_prepared`, the default; "
+            f"its loads are the `prepared` phase). Pure training = `trainers.timing` phases "
+            f"{', '.join(PURE)} summed over the runs (trials run {base['concurrency']} at a "
+            f"time, so wall may be below the sum).\n\n"
             "## Seconds per fit phase, summed over the runs\n\n"
-            + markdown_table(["phase", *res["modes"]], phase_rows)
-            + f"\nMachine: {res['machine']['cpus']} cores shared with other agents' jobs (load "
-            f"average {load} at the end): absolute times are noisy; the ratio between the two "
-            f"rows, measured one after the other in one run, is what counts.\n")
+            + markdown_table(["phase", *modes], phase_rows)
+            + "\n## The CV score (val/accuracy, mean of 2 folds) of each trial\n\n"
+            + markdown_table(["trial", *modes], score_rows)
+            + f"\n{'Every mode scored every trial the same.' if same else 'The modes DIFFER.'}"
+            f"\n\nMachine: {res['machine']['cpus']} cores shared with other agents' jobs (load "
+            f"average {load} at the end): absolute times are noisy; the ratios between the "
+            f"rows, measured one after the other in one run, are what counts.\n")
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    args = ap.parse_args()
     if not SST2.is_dir():
         sys.exit(f"error: {SST2} is absent (shared data lives in ../shared beside the repo)")
     with tempfile.TemporaryDirectory(prefix="smallshot-select-") as tmp:
-        modes = {m: run_selection(Path(tmp), m) for m in MODES}
+        modes = {m: run_selection(Path(tmp), m) for m in args.modes}
     res = {"modes": modes, "load_average": list(os.getloadavg()),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     for mode, r in modes.items():

@@ -35,6 +35,7 @@ from trainers.errors import ConfigError
 from trainers.metrics import final_row, mean_std, numeric
 
 TRIAL_RECORD = "trial.json"
+PREPARED = "prepared"  # the sweep's folder of prepared models (trainers/prepared.py)
 
 
 def expected_iterations(cfg: RunConfig) -> int:
@@ -61,6 +62,8 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
         "scaling.storage_path": str(Path(sweep_dir) / "train"),
         "track.backends": [],  # the sweep's Tune callbacks track trials (tune.tracking_callbacks)
     })
+    if base.tune.reuse_prepared and base.train.prepared_cache is None:
+        overrides["train.prepared_cache"] = str(Path(sweep_dir) / PREPARED)
     if base.train.num_threads is None and base.scaling.num_workers == 0:
         overrides["train.num_threads"] = max(1, int(TrialNeeds.from_config(base).driver_cpus))
     return base.replace(overrides, source=f"trial {trial_id}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.space import COND_SEP, SearchSpace, parse_space
-from cluster.trial import expected_iterations, run_trial, trial_dirname
+from cluster.trial import PREPARED, expected_iterations, run_trial, trial_dirname
 from trainers import io
 from trainers.config import RunConfig
 from trainers.errors import ConfigError
@@ -162,7 +162,8 @@ def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
         before = io.load_yaml(stored)
         now = _sweep_config(cfg).to_dict()
         # how trials are run may change between runs of a sweep, not what they learn
-        diff = [d for d in _differences(before, now) if d != "tune.reuse_runners"]
+        diff = [d for d in _differences(before, now)
+                if d not in ("tune.reuse_runners", "tune.reuse_prepared")]
         if diff:
             raise ConfigError(f"--resume: the recipe differs from the sweep at {sweep_dir} in "
                               f"{', '.join(diff[:4])}; resume with the same recipe and overrides, "
@@ -300,5 +301,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 callbacks=[trial_log(t.metric), *tracking_callbacks(base), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
+    # the trials' shared preparations (trainers/prepared.py) serve no run after the sweep
+    shutil.rmtree(sweep_dir / PREPARED, ignore_errors=True)
     errors = sum(1 for r in grid if r.error is not None)
     return SweepOutcome(sweep_dir, len(grid), errors, table, plan.max_concurrent)

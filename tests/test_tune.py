@@ -329,3 +329,7 @@ def test_self_training_is_chosen_by_cv_on_the_draw(tmp_path: Path, local_ray) ->
     runs = sweep_dir_of(cfg) / "runs"
     records = sorted(p.parent.name for p in runs.glob("*/fold-*/pseudo_labels.json"))
     assert records == ["fold-0", "fold-1"]  # the rounds=2 trial self-trained on both folds
+    # the two trials differ only after the probe: each fold's probe was fitted once, then shared
+    timings = [json.loads(p.read_text())["timings"] for p in runs.glob("*/fold-*/result.json")]
+    assert len(timings) == 4 and sum("prepared" in t for t in timings) == 2
+    assert not (sweep_dir_of(cfg) / "prepared").exists()  # removed with the sweep's end

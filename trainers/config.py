@@ -230,6 +230,10 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.99, help="cross-entropy label smoothing")
     test: bool = _f(True, help="load and evaluate the test split at the end (sweeps set false: "
                     "model selection never sees test labels)")
+    prepared_cache: str | None = _f(
+        None, help="folder that keeps a reusable strategy's prepared model (the contrastive "
+        "pair stage, the probe) for later runs that would prepare the same one; sweeps set "
+        "<sweep>/prepared (tune.reuse_prepared); null = off")
 
     def validate(self) -> None:
         if (self.offload or self.offload_params) and self.engine != "deepspeed":
@@ -305,6 +309,10 @@ class TuneConfig:
                              "trained at once, each in a Ray task inside the trial's placement "
                              "group; 0 = as many as the cluster has room for once every trial "
                              "has its slot, 1 = one after another in the trial process")
+    reuse_prepared: bool = _f(True, help="trials that differ only after the strategy (e.g. in "
+                              "train.epochs) share its prepared model, per fold "
+                              "(train.prepared_cache = <sweep>/prepared); false = each prepares "
+                              "its own")
     name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
     prefer: dict[str, Any] = _f(factory=dict, help="a default point of the space (tune.space "

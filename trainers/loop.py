@@ -52,6 +52,7 @@ from trainers.memory import enable_grad_checkpointing
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
+from trainers.prepared import prepare_or_reuse
 from trainers.selftrain import self_train
 from trainers.steps import train_step
 from trainers.strategies import Strategy, build_strategy, embed_split
@@ -273,9 +274,10 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     strategy.setup(built)
-    if resume_dir is None:  # a resumed run already carries the prepared weights
-        strategy.prepare(cfg, built, dataclasses.replace(train_split, classes=data.classes),
-                         device)
+    if resume_dir is None and prepare_or_reuse(  # a resumed run carries the prepared weights
+            cfg, strategy, built, dataclasses.replace(train_split, classes=data.classes),
+            device, world_size):
+        laps.mark("prepared")  # loaded: an earlier run with the same key prepared this model
     if cfg.selftrain.rounds:
         train_split = self_train(cfg, built, train_split, data.unlabeled, device, run_dir,
                                  fresh=resume_dir is None, rank=rank)

@@ -52,8 +52,11 @@ class Strategy:
     before the model is scored.
     """
 
-    def __init__(self, prepare: Prepare | None = None):
+    reusable = False  # prepare depends on config, data, weights and RNG alone (trainers.prepared)
+
+    def __init__(self, prepare: Prepare | None = None, reusable: bool = False):
         self._prepare = prepare
+        self.reusable = reusable
 
     def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
                 device: torch.device) -> None:
@@ -88,10 +91,18 @@ class Strategy:
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy", "model.strategy")
 
 
-def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None
-                      ) -> Callable[[Callable], Callable]:
-    """``@register_strategy("x")`` on a prepare function or a Strategy subclass."""
-    return STRATEGIES.register(name, ranges=ranges)
+def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None,
+                      *, reusable: bool = False) -> Callable[[Callable], Callable]:
+    """``@register_strategy("x")`` on a prepare function or a Strategy subclass. ``reusable``:
+    its preparation depends on nothing but the config, the train split, the initial weights
+    and the random state, so a sweep's runs may share it (trainers.prepared)."""
+    register = STRATEGIES.register(name, ranges=ranges)
+
+    def add(entry: Callable) -> Callable:
+        if reusable:
+            entry.reusable = True  # type: ignore[attr-defined]
+        return register(entry)
+    return add
 
 
 def create_strategy(name: str) -> Callable[..., Any]:
@@ -122,7 +133,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
             return entry(**params)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.strategy_params.{name}: {e}") from None
-    return Strategy(partial(entry, **params))
+    return Strategy(partial(entry, **params), reusable=getattr(entry, "reusable", False))
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
@@ -289,7 +300,7 @@ def full(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) 
     """Fine-tune everything from a freshly initialised head."""
 
 
-@register_strategy("lp-ft")
+@register_strategy("lp-ft", reusable=True)
 def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
           label_names: LabelNames = "none") -> None:
     """Linear probe on frozen embeddings first, then the main loop fine-tunes from that head.
@@ -451,7 +462,7 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
 
 
 @register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
-                                          "temperature": (1e-3, 10.0)})
+                                          "temperature": (1e-3, 10.0)}, reusable=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                 temperature: float = 0.05, label_names: LabelNames = "none") -> None:

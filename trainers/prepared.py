@@ -1,0 +1,126 @@
+"""A strategy's prepared model, kept on disk for the next run that would prepare the same one.
+
+A sweep over what comes after the strategy (the few-shot grid's ``train.epochs: grid[0, 10]``)
+repeats the same preparation in every trial on the same fold: there the contrastive pair stage
+is most of a trial's time, and it ran twice per fold. With ``train.prepared_cache`` set (sweeps
+set ``<sweep>/prepared``), a run stores the model as its strategy left it, with the random
+state, under a key of everything that can change it: the config less the fields in ``AFTER``,
+the train split's content, the initial weights and the random state before the strategy. A
+later run with the same key loads that instead and goes on exactly as if it had prepared the
+model itself. A lock per key makes a concurrent run wait for the one preparing (the kernel
+drops it if that run dies) instead of preparing the same model beside it.
+
+Only single-process runs take part (the ranks of DDP or DeepSpeed hold replicas or shards that
+one file written by one rank does not give back), and only strategies registered
+``reusable=True``: their preparation depends on nothing but the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.config import RunConfig
+from trainers.data import Split
+from trainers.models import BuiltModel
+
+# config fields read only after the strategy has prepared the model (or never by training):
+# two runs that differ only here prepare the same model
+AFTER = ("name", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_at_start",
+         "train.monitor", "train.mode", "train.patience", "train.min_delta",
+         "train.output_dir", "train.run_name", "train.resume", "train.save_checkpoints",
+         "train.progress", "train.test", "train.prepared_cache",
+         "data.max_test", "selftrain", "track", "tune", "scaling.storage_path")
+
+
+def _drop(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.get(p) or {}
+    tree.pop(leaf, None)
+
+
+def _tensor_digest(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def prepared_key(cfg: RunConfig, built: BuiltModel, train: Split) -> str:
+    """What the prepared model depends on, hashed: config, train split, initial weights, RNG."""
+    tree = cfg.to_dict()
+    for dotted in AFTER:
+        _drop(tree, dotted)
+    h = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode())
+    inputs = train.inputs
+    if isinstance(inputs, torch.Tensor):
+        _tensor_digest(h, inputs)
+    else:
+        h.update(json.dumps(list(inputs), default=str).encode())
+    _tensor_digest(h, train.labels)
+    h.update(json.dumps(list(train.classes or [])).encode())
+    for name, value in built.module.state_dict().items():
+        h.update(name.encode())
+        _tensor_digest(h, value)
+    _tensor_digest(h, torch.get_rng_state())
+    return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _key_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Split,
+                     device: torch.device, world_size: int) -> bool:
+    """``strategy.prepare``, or the model a run with the same key prepared before (True). The
+    cache takes no part when it is off, with several ranks or DeepSpeed, and for strategies
+    not registered reusable."""
+    folder = cfg.train.prepared_cache
+    if (not folder or world_size > 1 or cfg.train.engine == "deepspeed"
+            or not getattr(strategy, "reusable", False)):
+        strategy.prepare(cfg, built, train, device)
+        return False
+    key = prepared_key(cfg, built, train)
+    path = Path(folder) / f"{key}.pt"
+    with _key_lock(path):
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            built.module.load_state_dict(state["model"])
+            built.module.to(device)
+            built.module.train(bool(state["training"].item()))
+            _set_rng_state(state["rng"], device)
+            return True
+        strategy.prepare(cfg, built, train, device)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"model": built.module.state_dict(), "rng": _rng_state(device),
+                    "training": torch.tensor(built.module.training)}, tmp)
+        os.replace(tmp, path)  # whole or not at all: a crash never leaves half a model here
+    return False
