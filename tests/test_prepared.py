@@ -54,3 +54,14 @@ def test_strategies_not_marked_reusable_never_touch_the_cache(tmp_path):
                           f"train.prepared_cache={cache}", f"train.run_name={name}"))
         assert "prepared" not in result.timings
     assert not cache.exists()
+
+
+def test_a_cache_that_cannot_be_written_costs_reuse_not_the_run(tmp_path, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trainers.prepared.torch.save", disk_full)
+    cache = tmp_path / "prepared"
+    result = fit(text(tmp_path, "train.epochs=0", f"train.prepared_cache={cache}"))
+    assert "test/accuracy" in result.metrics and not list(cache.glob("*.pt*"))
+    assert "could not keep the prepared model" in capsys.readouterr().out

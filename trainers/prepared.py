@@ -59,6 +59,9 @@ def prepared_key(cfg: RunConfig, built: BuiltModel, train: Split) -> str:
     tree = cfg.to_dict()
     for dotted in AFTER:
         _drop(tree, dotted)
+    # the other strategies' options (a sweep over model.strategy keeps them all) change nothing
+    params = tree["model"].get("strategy_params") or {}
+    tree["model"]["strategy_params"] = params.get(cfg.model.strategy, {})
     h = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode())
     inputs = train.inputs
     if isinstance(inputs, torch.Tensor):
@@ -108,8 +111,7 @@ def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Sp
             or not getattr(strategy, "reusable", False)):
         strategy.prepare(cfg, built, train, device)
         return False
-    key = prepared_key(cfg, built, train)
-    path = Path(folder) / f"{key}.pt"
+    path = Path(folder) / f"{prepared_key(cfg, built, train)}.pt"
     with _key_lock(path):
         if path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -120,7 +122,12 @@ def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Sp
             return True
         strategy.prepare(cfg, built, train, device)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"model": built.module.state_dict(), "rng": _rng_state(device),
-                    "training": torch.tensor(built.module.training)}, tmp)
-        os.replace(tmp, path)  # whole or not at all: a crash never leaves half a model here
+        try:
+            torch.save({"model": built.module.state_dict(), "rng": _rng_state(device),
+                        "training": torch.tensor(built.module.training)}, tmp)
+            os.replace(tmp, path)  # whole or not at all: a crash never leaves half a model here
+        except OSError as e:  # a full disk costs the next run its reuse, not this run its result
+            tmp.unlink(missing_ok=True)
+            print(f"warning: train.prepared_cache: could not keep the prepared model in "
+                  f"{folder} ({e.strerror or e}); later runs will prepare their own", flush=True)
     return False
