@@ -509,6 +509,22 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def method_notes(methods: list[str], folds: int) -> str:
+    """What each method of the run is, in one sentence each."""
+    unlabeled = ("with up to 1000 undrawn train examples as unlabelled pool, labels dropped "
+                 "(16 pseudo-labels per class per round); its own column, since it sees text "
+                 "the others do not")
+    notes = {"smallshot": f"{RECIPE.name}, its tune.space grid scored by {folds}-fold CV on "
+                          f"the few-shot set (a Ray Tune sweep per cell)",
+             "smallshot+unlabeled": f"the same grid x selftrain.rounds in {{0, 2}}, {unlabeled}",
+             "setfit": "the setfit package's defaults",
+             "full-ft": f"{BASELINE_RECIPE.name} defaults"}
+    for name, overrides in ABLATIONS.items():
+        notes[name] = f"{RECIPE.name} {' '.join(overrides)}"
+        notes[f"{name}+unlabeled"] = f"{name} + 2 self-training rounds, {unlabeled}"
+    return " ".join(f"{m}: {notes[m]}." for m in methods if m in notes)
+
+
 def plan_cells(args: argparse.Namespace, methods: list[str]) -> list[Cell]:
     """Seed-major order, so a time budget fills every dataset before adding seeds."""
     return [Cell(ds, n, s, m, args.max_test, args.max_length, args.model)
@@ -572,13 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     note = (f"Planned: {planned} x {len(methods)} methods; finished {len(rows)} of {len(cells)} "
             f"cells{f' ({skipped} left for a later run)' if skipped else ''}"
             f". Test: {f'fixed class-balanced subset of {args.max_test}' if args.max_test else 'all'}"
-            f" test examples per dataset. "
-            f"smallshot: {RECIPE.name}, its tune.space grid scored by {args.folds}-fold CV on the "
-            f"few-shot set (a Ray Tune sweep per cell). smallshot+unlabeled: the same grid x "
-            f"selftrain.rounds in {{0, 2}} (16 pseudo-labels per class per round) with up to 1000 "
-            f"undrawn train examples as unlabelled pool, labels dropped; its own column, since "
-            f"it sees text the others do not. setfit: package defaults. full-ft: "
-            f"{BASELINE_RECIPE.name} defaults.")
+            f" test examples per dataset. {method_notes(methods, args.folds)}")
     plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
     name = args.name or ("fewshot_text_quick" if args.quick else "fewshot_text")
     replayed = replay_prefer(rows)
