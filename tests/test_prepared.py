@@ -65,3 +65,10 @@ def test_a_cache_that_cannot_be_written_costs_reuse_not_the_run(tmp_path, monkey
     result = fit(text(tmp_path, "train.epochs=0", f"train.prepared_cache={cache}"))
     assert "test/accuracy" in result.metrics and not list(cache.glob("*.pt*"))
     assert "could not keep the prepared model" in capsys.readouterr().out
+    # a cache folder that cannot be made: the same
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = fit(text(tmp_path, "train.epochs=0", f"train.prepared_cache={blocker / 'sub'}",
+                      "train.run_name=blocked"))
+    assert "test/accuracy" in result.metrics
+    assert "could not keep the prepared model" in capsys.readouterr().out

@@ -79,7 +79,6 @@ def prepared_key(cfg: RunConfig, built: BuiltModel, train: Split) -> str:
 
 @contextlib.contextmanager
 def _key_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
@@ -111,6 +110,12 @@ def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Sp
             or not getattr(strategy, "reusable", False)):
         strategy.prepare(cfg, built, train, device)
         return False
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _cannot_keep(folder, e)
+        strategy.prepare(cfg, built, train, device)
+        return False
     path = Path(folder) / f"{prepared_key(cfg, built, train)}.pt"
     with _key_lock(path):
         if path.is_file():
@@ -126,8 +131,13 @@ def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Sp
             torch.save({"model": built.module.state_dict(), "rng": _rng_state(device),
                         "training": torch.tensor(built.module.training)}, tmp)
             os.replace(tmp, path)  # whole or not at all: a crash never leaves half a model here
-        except OSError as e:  # a full disk costs the next run its reuse, not this run its result
+        except OSError as e:
             tmp.unlink(missing_ok=True)
-            print(f"warning: train.prepared_cache: could not keep the prepared model in "
-                  f"{folder} ({e.strerror or e}); later runs will prepare their own", flush=True)
+            _cannot_keep(folder, e)
     return False
+
+
+def _cannot_keep(folder: str, e: OSError) -> None:
+    """A cache that cannot be written (full disk, read-only) costs reuse, never the run."""
+    print(f"warning: train.prepared_cache: could not keep the prepared model in {folder} "
+          f"({e.strerror or e}); later runs will prepare their own", flush=True)
