@@ -31,6 +31,7 @@ import torch
 from trainers.config import RunConfig
 from trainers.data import Split
 from trainers.models import BuiltModel
+from trainers.strategies import Strategy
 
 # config fields read only after the strategy has prepared the model (or never by training):
 # two runs that differ only here prepare the same model
@@ -100,14 +101,14 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def prepare_or_reuse(cfg: RunConfig, strategy: Any, built: BuiltModel, train: Split,
+def prepare_or_reuse(cfg: RunConfig, strategy: Strategy, built: BuiltModel, train: Split,
                      device: torch.device, world_size: int) -> bool:
     """``strategy.prepare``, or the model a run with the same key prepared before (True). The
     cache takes no part when it is off, with several ranks or DeepSpeed, and for strategies
     not registered reusable."""
     folder = cfg.train.prepared_cache
     if (not folder or world_size > 1 or cfg.train.engine == "deepspeed"
-            or not getattr(strategy, "reusable", False)):
+            or not strategy.reusable):
         strategy.prepare(cfg, built, train, device)
         return False
     try:

@@ -52,10 +52,9 @@ class Strategy:
     before the model is scored.
     """
 
-    reusable = False  # prepare depends on config, data, weights and RNG alone (trainers.prepared)
-
     def __init__(self, prepare: Prepare | None = None, reusable: bool = False):
         self._prepare = prepare
+        # prepare depends on config, data, weights and RNG alone (trainers.prepared)
         self.reusable = reusable
 
     def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
