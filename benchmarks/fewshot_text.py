@@ -182,6 +182,15 @@ ABLATIONS = {**ABLATION_BASE,
              # the same pairs in half the steps (twice the batch, twice the learning rate)
              "contrastive-probe-b16": [*ABLATION_BASE["contrastive-probe"], "train.batch_size=16",
                                        "model.strategy_params.contrastive.lr=4.0e-5"],
+             # the pair stage without its slowest parts: the token table frozen, no dropout
+             "contrastive-probe-fast": [*ABLATION_BASE["contrastive-probe"],
+                                        "model.strategy_params.contrastive.freeze_embeddings=true",
+                                        "model.strategy_params.contrastive.dropout=false"],
+             "contrastive-probe-fast-b16": [
+                 *ABLATION_BASE["contrastive-probe"], "train.batch_size=16",
+                 "model.strategy_params.contrastive.lr=4.0e-5",
+                 "model.strategy_params.contrastive.freeze_embeddings=true",
+                 "model.strategy_params.contrastive.dropout=false"],
              **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
                                                         f"label_names={how}"]
                 for name, strategy in (("probe", "lp-ft"), ("contrastive-probe", "contrastive"))

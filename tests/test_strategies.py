@@ -362,3 +362,36 @@ def test_strategy_params_are_checked_against_the_strategy_signature(tmp_path):
     cfg = digits(tmp_path, "model.strategy=lp-ft", "model.strategy_params.contrastive.lr=1e-3")
     assert strategy_params(cfg) == {}
     assert strategy_params(cfg, "contrastive") == {"lr": 1e-3}
+
+
+def test_pair_stage_can_freeze_the_token_table_and_drop_dropout(tmp_path):
+    cfg = text(tmp_path, "model.strategy_params.contrastive.iterations=1")
+    data = load_dataset(cfg.data, with_test=False)
+    torch.manual_seed(0)
+    built = create_model(cfg.model, data.num_classes)
+    table = built.module.encoder.get_input_embeddings().weight
+    before = {n: p.detach().clone() for n, p in built.module.named_parameters()}
+    modes: list[bool] = []
+    dropouts = [m for m in built.module.encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    hook = dropouts[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    contrastive_stage(cfg, built, data.train, CPU, iterations=1, freeze_embeddings=True,
+                      dropout=False)
+    after = dict(built.module.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert torch.equal(table.detach(), before["encoder.embeddings.word_embeddings.weight"])
+    assert "encoder.embeddings.word_embeddings.weight" not in changed
+    assert any(n.startswith("encoder.encoder.layer.") for n in changed)  # the rest learned
+    assert table.requires_grad and built.module.training  # both restored for the main loop
+    assert modes and not any(modes)  # no dropout mask while it learned
+    modes.clear()
+    contrastive_stage(cfg, built, data.train, CPU, iterations=1)
+    hook.remove()
+    assert any(modes) and not torch.equal(table.detach(),
+                                          before["encoder.embeddings.word_embeddings.weight"])
+
+
+def test_freezing_the_token_table_of_an_image_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"contrastive.freeze_embeddings=true: a token table is "
+                                          r"a text model's; data.format=digits has none"):
+        digits(tmp_path, "model.strategy=contrastive",
+               "model.strategy_params.contrastive.freeze_embeddings=true")

@@ -367,10 +367,15 @@ class RunConfig:
             raise ConfigError(f"selftrain.rounds={self.selftrain.rounds}: self-training needs "
                               f"unlabelled examples; set data.unlabeled=rest or a file")
         for name, params in self.model.strategy_params.items():
-            how = params.get("label_names", "none") if isinstance(params, dict) else "none"
+            params = params if isinstance(params, dict) else {}
+            how = params.get("label_names", "none")
             if how != "none" and self.data.format != "text":
                 raise ConfigError(f"model.strategy_params.{name}.label_names={how}: class names "
                                   f"are text; data.format={self.data.format} has none to embed")
+            if params.get("freeze_embeddings") and self.data.format != "text":
+                raise ConfigError(f"model.strategy_params.{name}.freeze_embeddings=true: a "
+                                  f"token table is a text model's; data.format="
+                                  f"{self.data.format} has none")
 
     # -- derived ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

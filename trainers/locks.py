@@ -26,24 +26,33 @@ class RunFolderBusy(SmallshotError):
 
 
 @contextlib.contextmanager
+def flock(path: Path, *, wait: bool = True) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) and yield its descriptor.
+    ``wait=False`` raises BlockingIOError at once when another process holds it. The kernel
+    releases the lock when the descriptor closes or its process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s lock, or raise RunFolderBusy naming the process that holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = held.enter_context(flock(path, wait=False))
         except BlockingIOError:
-            holder = _holder(path)
-            raise RunFolderBusy(f"run folder {run_dir} is in use by another run ({holder}); wait "
-                                f"for it to end, or set train.run_name=... to run beside it"
-                                ) from None
+            raise RunFolderBusy(f"run folder {run_dir} is in use by another run "
+                                f"({_holder(path)}); wait for it to end, or set "
+                                f"train.run_name=... to run beside it") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _holder(path: Path) -> str:

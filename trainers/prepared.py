@@ -17,12 +17,9 @@ one file written by one rank does not give back), and only strategies registered
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ import torch
 
 from trainers.config import RunConfig
 from trainers.data import Split
+from trainers.locks import flock
 from trainers.models import BuiltModel
 from trainers.strategies import Strategy
 
@@ -78,16 +76,6 @@ def prepared_key(cfg: RunConfig, built: BuiltModel, train: Split) -> str:
     return h.hexdigest()[:32]
 
 
-@contextlib.contextmanager
-def _key_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
-        yield
-    finally:
-        os.close(fd)
-
-
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -118,7 +106,7 @@ def prepare_or_reuse(cfg: RunConfig, strategy: Strategy, built: BuiltModel, trai
         strategy.prepare(cfg, built, train, device)
         return False
     path = Path(folder) / f"{prepared_key(cfg, built, train)}.pt"
-    with _key_lock(path):
+    with flock(path.with_suffix(".lock")):  # a concurrent trial waits, then reuses
         if path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
             built.module.load_state_dict(state["model"])

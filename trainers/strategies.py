@@ -395,12 +395,41 @@ def supcon_batches(labels: list[int], iterations: int, batch_size: int, seed: in
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
+def token_embeddings(built: BuiltModel) -> nn.Module:
+    """The token-embedding table of a text model (the first submodule with one)."""
+    for module in built.module.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        if callable(get) and isinstance(get(), nn.Module):
+            return get()
+    raise ConfigError("model.strategy_params.contrastive.freeze_embeddings: this model has no "
+                      "token-embedding table (a text model's option)")
+
+
+@contextmanager
+def pair_stage_mode(built: BuiltModel, freeze_embeddings: bool) -> Iterator[None]:
+    """The token-embedding table frozen for the stage, when asked (restored after)."""
+    params = list(token_embeddings(built).parameters()) if freeze_embeddings else []
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, was):
+            p.requires_grad_(flag)
+
+
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                       *, iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
-                      temperature: float = 0.05, also: Split | None = None
+                      temperature: float = 0.05, also: Split | None = None,
+                      freeze_embeddings: bool = False, dropout: bool = True
                       ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """Train the body with the contrastive ``loss``; the per-step losses, the new train
-    embeddings and the new embeddings of ``also`` (e.g. the class names), when given."""
+    embeddings and the new embeddings of ``also`` (e.g. the class names), when given.
+
+    ``freeze_embeddings``: the token table (half of MiniLM's weights) stays as pretrained, so
+    a step neither builds its dense gradient nor updates it; ``dropout``: false runs the body
+    in eval mode while it learns (no dropout masks: a deterministic forward)."""
     rank, world_size = world()
     labels = train.labels.tolist()
     bs = cfg.train.batch_size
@@ -415,10 +444,12 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
                              "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
-    with swapped_head(built, nn.Identity()):
+    with swapped_head(built, nn.Identity()), pair_stage_mode(built, freeze_embeddings):
         pair_model = PairModel(built.module, temperature)
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
+        if not dropout:
+            pair_model.body.eval()  # gradients flow as before; only dropout is off
         for step, batch in enumerate(batches):
             batch_loss = (partial(pair_batch_loss, engine.forward, batcher, train, pairs, batch,
                                   device) if loss == "cosine" else
@@ -464,17 +495,20 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
                                           "temperature": (1e-3, 10.0)}, reusable=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
-                temperature: float = 0.05, label_names: LabelNames = "none") -> None:
+                temperature: float = 0.05, label_names: LabelNames = "none",
+                freeze_embeddings: bool = False, dropout: bool = True) -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
     other-class example; ``lr``: learning rate of the pair stage on the body; ``loss``:
     ``cosine`` (SetFit's pair loss) or ``supcon`` (in-batch supervised contrastive, the same
     compute); ``temperature``: supcon's softmax temperature; ``label_names``: ``prior`` or
-    ``anchors``, how the class names (embedded by the trained body) help the probe."""
+    ``anchors``, how the class names (embedded by the trained body) help the probe;
+    ``freeze_embeddings`` / ``dropout``: see contrastive_stage (both cut a step's time)."""
     _, feats, names = contrastive_stage(
         cfg, built, train, device, iterations=iterations, lr=lr, loss=loss,
-        temperature=temperature, also=class_names(train) if label_names != "none" else None)
+        temperature=temperature, also=class_names(train) if label_names != "none" else None,
+        freeze_embeddings=freeze_embeddings, dropout=dropout)
     probe_head(cfg, built, train, device, feats=feats, names=names, label_names=label_names)
 
 
