@@ -432,7 +432,9 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, epoch: float, last: bo
         loss, n = float(sums[0]), int(sums[1])
     run.window_loss, run.window_n = 0.0, 0
     row: dict[str, Any] = {"epoch": round(epoch, 4), "step": progress.global_step,
-                           "lr": run.engine.lr(), "train/loss": loss / max(n, 1),
+                           "lr": run.engine.lr(),
+                           # no step since the last row (epochs=0, eval_at_start): no loss
+                           **({"train/loss": loss / n} if n else {}),
                            "time_s": round(time.perf_counter() - run.started, 3)}
     if run.data.val is not None:
         run.strategy.before_evaluation(run.cfg, run.built, run.train_split, run.device)
