@@ -395,3 +395,20 @@ def test_freezing_the_token_table_of_an_image_model_is_a_config_error(tmp_path):
                                           r"a text model's; data.format=digits has none"):
         digits(tmp_path, "model.strategy=contrastive",
                "model.strategy_params.contrastive.freeze_embeddings=true")
+
+
+def test_pair_stage_batch_size_is_its_own_option(tmp_path):
+    def losses(*extra, **kw):
+        cfg = text(tmp_path, *extra)
+        data = load_dataset(cfg.data, with_test=False)
+        torch.manual_seed(0)
+        built = create_model(cfg.model, data.num_classes)
+        return contrastive_stage(cfg, built, data.train, CPU, iterations=1, **kw)[0]
+
+    own = losses("train.batch_size=8", batch_size=16)
+    assert len(own) == 1  # 4 shots x 2 classes x 2 pairs in one step of 16
+    assert own == losses("train.batch_size=16")  # what the loop's batch size did alone
+    cfg = text(tmp_path, "model.strategy_params.contrastive.batch_size=null")
+    assert strategy_params(cfg)["batch_size"] is None  # T | None takes None: the default
+    with pytest.raises(ConfigError, match=r"contrastive.batch_size: expected int, got 'x'"):
+        text(tmp_path, "model.strategy_params.contrastive.batch_size=x")

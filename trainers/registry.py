@@ -85,7 +85,8 @@ class Registry(Generic[T]):
                                   f"{did_you_mean(key, accepted)}")
             out[key] = _typed(value, hints.get(key), where)
             lo, hi = self._ranges.get(name, {}).get(key, (None, None))
-            if (lo is not None and out[key] < lo) or (hi is not None and out[key] > hi):
+            if out[key] is not None and ((lo is not None and out[key] < lo)
+                                         or (hi is not None and out[key] > hi)):
                 raise ConfigError(f"{where}: {out[key]} is out of range (allowed "
                                   f"[{'-inf' if lo is None else lo}, "
                                   f"{'inf' if hi is None else hi}])")
@@ -102,7 +103,11 @@ class Registry(Generic[T]):
 
 
 def _typed(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as the parameter's annotated scalar type, or a ConfigError naming ``where``."""
+    """``value`` as the parameter's annotated scalar type, or a ConfigError naming ``where``.
+    ``T | None`` takes None (the entry's own default) or a T."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return None if value is None else _typed(value, next(a for a in args if a is not type(None)), where)
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

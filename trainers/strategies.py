@@ -422,17 +422,19 @@ def pair_stage_mode(built: BuiltModel, freeze_embeddings: bool) -> Iterator[None
 def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
                       *, iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                       temperature: float = 0.05, also: Split | None = None,
-                      freeze_embeddings: bool = False, dropout: bool = True
+                      freeze_embeddings: bool = False, dropout: bool = True,
+                      batch_size: int | None = None
                       ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """Train the body with the contrastive ``loss``; the per-step losses, the new train
     embeddings and the new embeddings of ``also`` (e.g. the class names), when given.
 
     ``freeze_embeddings``: the token table (half of MiniLM's weights) stays as pretrained, so
     a step neither builds its dense gradient nor updates it; ``dropout``: false runs the body
-    in eval mode while it learns (no dropout masks: a deterministic forward)."""
+    in eval mode while it learns (no dropout masks: a deterministic forward); ``batch_size``:
+    pairs (cosine) or half the examples (supcon) per step and rank, default train.batch_size."""
     rank, world_size = world()
     labels = train.labels.tolist()
-    bs = cfg.train.batch_size
+    bs = batch_size or cfg.train.batch_size
     if loss == "cosine":
         pairs = make_pairs(labels, iterations, cfg.data.seed)
         order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
@@ -492,11 +494,13 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
 
 
 @register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
-                                          "temperature": (1e-3, 10.0)}, reusable=True)
+                                          "temperature": (1e-3, 10.0),
+                                          "batch_size": (1, 4096)}, reusable=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                 temperature: float = 0.05, label_names: LabelNames = "none",
-                freeze_embeddings: bool = False, dropout: bool = True) -> None:
+                freeze_embeddings: bool = False, dropout: bool = True,
+                batch_size: int | None = None) -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
@@ -504,11 +508,12 @@ def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.d
     ``cosine`` (SetFit's pair loss) or ``supcon`` (in-batch supervised contrastive, the same
     compute); ``temperature``: supcon's softmax temperature; ``label_names``: ``prior`` or
     ``anchors``, how the class names (embedded by the trained body) help the probe;
-    ``freeze_embeddings`` / ``dropout``: see contrastive_stage (both cut a step's time)."""
+    ``freeze_embeddings`` / ``dropout`` / ``batch_size``: see contrastive_stage (each cuts the
+    stage's time: the first two a step's, a larger batch the steps, as few texts repeat)."""
     _, feats, names = contrastive_stage(
         cfg, built, train, device, iterations=iterations, lr=lr, loss=loss,
         temperature=temperature, also=class_names(train) if label_names != "none" else None,
-        freeze_embeddings=freeze_embeddings, dropout=dropout)
+        freeze_embeddings=freeze_embeddings, dropout=dropout, batch_size=batch_size)
     probe_head(cfg, built, train, device, feats=feats, names=names, label_names=label_names)
 
 
