@@ -186,8 +186,9 @@ ABLATIONS = {**ABLATION_BASE,
              "contrastive-probe-fast": [*ABLATION_BASE["contrastive-probe"],
                                         "model.strategy_params.contrastive.freeze_embeddings=true",
                                         "model.strategy_params.contrastive.dropout=false"],
+             # ... and the same pairs in half the steps (as -b16)
              "contrastive-probe-fast-b16": [
-                 *ABLATION_BASE["contrastive-probe"], "train.batch_size=16",
+                 *ABLATION_BASE["contrastive-probe"], "model.strategy_params.contrastive.batch_size=16",
                  "model.strategy_params.contrastive.lr=4.0e-5",
                  "model.strategy_params.contrastive.freeze_embeddings=true",
                  "model.strategy_params.contrastive.dropout=false"],
