@@ -412,3 +412,17 @@ def test_pair_stage_batch_size_is_its_own_option(tmp_path):
     assert strategy_params(cfg)["batch_size"] is None  # T | None takes None: the default
     with pytest.raises(ConfigError, match=r"contrastive.batch_size: expected int, got 'x'"):
         text(tmp_path, "model.strategy_params.contrastive.batch_size=x")
+
+
+def test_pair_stage_options_are_searchable_and_checked_up_front(tmp_path):
+    from cluster.space import parse_space
+
+    space = ("tune.space={model.strategy_params.contrastive.freeze_embeddings: 'grid[true, false]',"
+             " model.strategy_params.contrastive.batch_size: 'grid[%s, 16]'}")
+    cfg = text(tmp_path, "tune.prefer={}", space % 8)
+    dims = parse_space(cfg).dims
+    assert dims["model.strategy_params.contrastive.freeze_embeddings"].args == (True, False)
+    assert dims["model.strategy_params.contrastive.batch_size"].args == (8, 16)
+    with pytest.raises(ConfigError, match=r"contrastive.batch_size: value 0 of grid\[0, 16\] is "
+                                          r"not allowed: 0 is out of range"):
+        parse_space(text(tmp_path, "tune.prefer={}", space % 0))
