@@ -47,9 +47,9 @@ DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "acc
 
 
 # methods that run the recipe as configs/fewshot-minilm.yaml has it now (the README's tune
-# path) cache their cells under the recipe's generation, so that cells made before a change of
-# its defaults are not reused as if they were current (1: until the fast pair stage)
-RECIPE_GENERATION = 2
+# path) cache their cells under the recipe's generation: bump it with any change of the
+# recipe's defaults, so that older cells are not reused as if they were current
+RECIPE_GENERATION = 1
 FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled"}
 
 
@@ -69,7 +69,7 @@ class Cell:
         extra += "" if self.model == "minilm" else f"-{self.model}"
         test = self.max_test or "full"
         method = (f"{self.method}-g{RECIPE_GENERATION}" if self.method in FOLLOWS_RECIPE
-                  else self.method)
+                  and RECIPE_GENERATION > 1 else self.method)  # generation 1: the first names
         return f"{self.dataset}-n{self.shots}-s{self.seed}-t{test}{extra}-{method}"
 
     @property
@@ -180,15 +180,15 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 
 # fixed recipes, with and without self-training on the same draws: the method's own effect,
 # without the noise of selecting it by CV on a few dozen examples (named with --methods)
-# the pair stage as the recipe ran it until the fast defaults (fewshot_pairstage.md), pinned so
-# that the cells cached under these names stay what they measured whatever the recipe says now
-FIRST_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
+# the recipe's pair stage as these ablations ran it, pinned so that the cells cached under
+# their names stay what they measured should the recipe's defaults change
+PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
                     "model.strategy_params.contrastive.batch_size=8",
                     "model.strategy_params.contrastive.freeze_embeddings=false",
                     "model.strategy_params.contrastive.dropout=true"]
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
-                                       *FIRST_PAIR_STAGE]}
+                                       *PINNED_PAIR_STAGE]}
 ABLATIONS = {**ABLATION_BASE,
              "supcon-probe": [*ABLATION_BASE["contrastive-probe"],
                               "model.strategy_params.contrastive.loss=supcon"],
