@@ -183,9 +183,9 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 # the recipe's pair stage as these ablations ran it, pinned so that the cells cached under
 # their names stay what they measured should the recipe's defaults change
 PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
-                    "model.strategy_params.contrastive.batch_size=8",
-                    "model.strategy_params.contrastive.freeze_embeddings=false",
-                    "model.strategy_params.contrastive.dropout=true"]
+                     "model.strategy_params.contrastive.batch_size=8",
+                     "model.strategy_params.contrastive.freeze_embeddings=false",
+                     "model.strategy_params.contrastive.dropout=true"]
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
                                        *PINNED_PAIR_STAGE]}
