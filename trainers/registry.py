@@ -107,7 +107,8 @@ def _typed(value: Any, tp: Any, where: str) -> Any:
     ``T | None`` takes None (the entry's own default) or a T."""
     args = typing.get_args(tp)
     if type(None) in args and len(args) == 2:
-        return None if value is None else _typed(value, next(a for a in args if a is not type(None)), where)
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _typed(value, inner, where)
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

@@ -399,16 +399,17 @@ def token_embeddings(built: BuiltModel) -> nn.Module:
     """The token-embedding table of a text model (the first submodule with one)."""
     for module in built.module.modules():
         get = getattr(module, "get_input_embeddings", None)
-        if callable(get) and isinstance(get(), nn.Module):
-            return get()
+        table = get() if callable(get) else None
+        if isinstance(table, nn.Module):
+            return table
     raise ConfigError("model.strategy_params.contrastive.freeze_embeddings: this model has no "
                       "token-embedding table (a text model's option)")
 
 
 @contextmanager
-def pair_stage_mode(built: BuiltModel, freeze_embeddings: bool) -> Iterator[None]:
-    """The token-embedding table frozen for the stage, when asked (restored after)."""
-    params = list(token_embeddings(built).parameters()) if freeze_embeddings else []
+def frozen_token_table(built: BuiltModel, freeze: bool) -> Iterator[None]:
+    """The token-embedding table frozen inside the block when ``freeze`` (restored after)."""
+    params = list(token_embeddings(built).parameters()) if freeze else []
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -446,7 +447,7 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
                              "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
-    with swapped_head(built, nn.Identity()), pair_stage_mode(built, freeze_embeddings):
+    with swapped_head(built, nn.Identity()), frozen_token_table(built, freeze_embeddings):
         pair_model = PairModel(built.module, temperature)
         engine = create_engine(stage_cfg, pair_model, device, total_steps=len(batches))
         engine.train(True)
