@@ -185,7 +185,10 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
                      "model.strategy_params.contrastive.batch_size=8",
                      "model.strategy_params.contrastive.freeze_embeddings=false",
-                     "model.strategy_params.contrastive.dropout=true"]
+                     "model.strategy_params.contrastive.dropout=true",
+                     "model.strategy_params.contrastive.schedule=constant",
+                     "model.strategy_params.contrastive.warmup=0.0",
+                     "model.strategy_params.contrastive.sampling=anchored"]
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
                                        *PINNED_PAIR_STAGE]}
@@ -209,6 +212,18 @@ ABLATIONS = {**ABLATION_BASE,
                  "model.strategy_params.contrastive.lr=4.0e-5",
                  "model.strategy_params.contrastive.freeze_embeddings=true",
                  "model.strategy_params.contrastive.dropout=false"],
+             # -fast-b16 with the token table trained: which of its parts costs mpqa at N=16
+             "contrastive-probe-nodrop-b16": [
+                 *ABLATION_BASE["contrastive-probe"], "model.strategy_params.contrastive.batch_size=16",
+                 "model.strategy_params.contrastive.lr=4.0e-5",
+                 "model.strategy_params.contrastive.dropout=false"],
+             # SetFit's LR schedule in the pair stage: 10 % warmup, then linear decay to 0
+             "contrastive-probe-linear": [*ABLATION_BASE["contrastive-probe"],
+                                          "model.strategy_params.contrastive.schedule=linear",
+                                          "model.strategy_params.contrastive.warmup=0.1"],
+             # as many pairs, drawn from the distinct ones, each once before any repeats
+             "contrastive-probe-unique": [*ABLATION_BASE["contrastive-probe"],
+                                          "model.strategy_params.contrastive.sampling=unique"],
              **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
                                                         f"label_names={how}"]
                 for name, strategy in (("probe", "lp-ft"), ("contrastive-probe", "contrastive"))

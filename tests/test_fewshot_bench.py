@@ -134,7 +134,9 @@ def test_cached_cells_keep_meaning_what_they_measured(monkeypatch):
     # the ablations pin the pair stage they ran with, whatever the recipe's defaults are now
     cfg = load_config(bench.RECIPE, bench.ABLATIONS["contrastive-probe"])
     assert strategy_params(cfg) == {"iterations": 10, "lr": 2e-5, "batch_size": 8,
-                                    "freeze_embeddings": False, "dropout": True}
+                                    "freeze_embeddings": False, "dropout": True,
+                                    "schedule": "constant", "warmup": 0.0,
+                                    "sampling": "anchored"}
     # the methods that follow the recipe cache under its generation (from the second on)
     assert bench.Cell("cr", 8, 0, "smallshot", 0).key == "cr-n8-s0-tfull-smallshot"
     monkeypatch.setattr(bench, "RECIPE_GENERATION", 2)

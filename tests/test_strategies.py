@@ -79,6 +79,22 @@ def test_make_pairs_are_balanced_correct_and_seeded():
     assert pairs == make_pairs(labels, 3, 5) and pairs != make_pairs(labels, 3, 6)
 
 
+def test_unique_pairs_cover_every_pair_evenly_on_the_same_budget():
+    from collections import Counter
+
+    labels = [0, 0, 0, 1, 1, 1, 2, 2]
+    pairs = make_pairs(labels, iterations=3, seed=5, sampling="unique")
+    anchored = make_pairs(labels, iterations=3, seed=5)
+    assert Counter(t for *_, t in pairs) == Counter(t for *_, t in anchored)  # 24 and 24
+    for i, j, t in pairs:
+        assert i < j and (labels[i] == labels[j]) == (t == 1.0)
+    for target, distinct in ((1.0, 3 + 3 + 1), (0.0, 28 - 7)):
+        seen = Counter((i, j) for i, j, t in pairs if t == target)
+        assert len(seen) == distinct  # every distinct pair drawn ...
+        assert max(seen.values()) - min(seen.values()) <= 1  # ... before any drawn again
+    assert pairs == make_pairs(labels, 3, 5, "unique") != make_pairs(labels, 3, 6, "unique")
+
+
 def test_linear_probe_matches_scikit_learn_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
@@ -412,6 +428,26 @@ def test_pair_stage_batch_size_is_its_own_option(tmp_path):
     assert strategy_params(cfg)["batch_size"] is None  # T | None takes None: the default
     with pytest.raises(ConfigError, match=r"contrastive.batch_size: expected int, got 'x'"):
         text(tmp_path, "model.strategy_params.contrastive.batch_size=x")
+
+
+def test_pair_stage_has_its_own_lr_schedule(tmp_path):
+    def losses(*extra, **kw):
+        cfg = text(tmp_path, "train.batch_size=8", *extra)
+        data = load_dataset(cfg.data, with_test=False)
+        torch.manual_seed(0)
+        built = create_model(cfg.model, data.num_classes)
+        return contrastive_stage(cfg, built, data.train, CPU, iterations=2, **kw)[0]
+
+    constant = ("optim.schedule=constant", "optim.warmup=0.0")
+    own = losses(*constant, schedule="linear", warmup=0.5)
+    assert len(own) == 4
+    assert own == losses("optim.schedule=linear", "optim.warmup=0.5")  # None: optim's schedule
+    flat = losses(*constant)
+    assert own[0] == flat[0] and own[1:] != flat[1:]  # the same start, then other step sizes
+    with pytest.raises(ConfigError, match=r"contrastive.warmup.*out of range"):
+        text(tmp_path, "model.strategy_params.contrastive.warmup=2")
+    with pytest.raises(ConfigError, match=r"contrastive.schedule.*'step'"):
+        text(tmp_path, "model.strategy_params.contrastive.schedule=step")
 
 
 def test_pair_stage_options_are_searchable_and_checked_up_front(tmp_path):

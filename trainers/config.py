@@ -155,6 +155,9 @@ class ModelConfig:
                               f"(the adapter already freezes the backbone)")
 
 
+Schedule = Literal["constant", "cosine", "linear"]
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = _f("adamw", help="optimizer (registry in trainers/optim.py): gd, sgd, momentum, "
@@ -167,7 +170,7 @@ class OptimConfig:
     weight_decay: float = _f(0.0, lo=0.0, help="decoupled weight decay (AdamW-style)")
     l1: float = _f(0.0, lo=0.0, help="L1 penalty coefficient added to the loss")
     l2: float = _f(0.0, lo=0.0, help="L2 penalty coefficient added to the loss (coupled)")
-    schedule: Literal["constant", "cosine", "linear"] = _f("linear", help="LR decay after warmup")
+    schedule: Schedule = _f("linear", help="LR decay after warmup")
     warmup: float = _f(0.1, lo=0.0, hi=1.0, help="warmup as a fraction of all steps")
     grad_clip: float | None = _f(1.0, lo=0.0, help="clip the gradient norm (null = off)")
 

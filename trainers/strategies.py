@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.batches import Batcher, epoch_order, inference_batches, step_seed
-from trainers.config import RunConfig
+from trainers.config import RunConfig, Schedule
 from trainers.data import Split
 from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
@@ -317,8 +317,17 @@ def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
 # The contrastive (SetFit-style) stage
 
 
-def make_pairs(labels: list[int], iterations: int, seed: int) -> list[tuple[int, int, float]]:
-    """Each round pairs every example with one same-class (1.0) and one other-class (0.0) one."""
+PairSampling = Literal["anchored", "unique"]
+
+
+def make_pairs(labels: list[int], iterations: int, seed: int,
+               sampling: PairSampling = "anchored") -> list[tuple[int, int, float]]:
+    """``anchored``: each round pairs every example with one same-class (1.0) and one
+    other-class (0.0) one, drawn with replacement. ``unique``: as many same-class and as many
+    other-class pairs, but drawn from the distinct unordered pairs, each once before any
+    repeats (SetFit's unique pairs, on a budget that grows with the shots, not their square)."""
+    if sampling == "unique":
+        return unique_pairs(labels, iterations, seed)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -331,6 +340,21 @@ def make_pairs(labels: list[int], iterations: int, seed: int) -> list[tuple[int,
             pairs.append((i, rng.choice(same), 1.0))
             if other:
                 pairs.append((i, rng.choice(other), 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def unique_pairs(labels: list[int], iterations: int, seed: int) -> list[tuple[int, int, float]]:
+    rng = random.Random(seed)
+    n = len(labels)
+    same = [(i, j) for i in range(n) for j in range(i + 1, n) if labels[i] == labels[j]]
+    other = [(i, j) for i in range(n) for j in range(i + 1, n) if labels[i] != labels[j]]
+    pairs = []
+    for pool, target in ((same, 1.0), (other, 0.0)):
+        drawn: list[tuple[int, int]] = []
+        while pool and len(drawn) < iterations * n:  # whole shuffled passes, then cut
+            drawn += rng.sample(pool, len(pool))
+        pairs += [(i, j, target) for i, j in drawn[:iterations * n]]
     rng.shuffle(pairs)
     return pairs
 
@@ -424,7 +448,8 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
                       *, iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                       temperature: float = 0.05, also: Split | None = None,
                       freeze_embeddings: bool = False, dropout: bool = True,
-                      batch_size: int | None = None
+                      batch_size: int | None = None, schedule: Schedule | None = None,
+                      warmup: float | None = None, sampling: PairSampling = "anchored"
                       ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """Train the body with the contrastive ``loss``; the per-step losses, the new train
     embeddings and the new embeddings of ``also`` (e.g. the class names), when given.
@@ -432,19 +457,24 @@ def contrastive_stage(cfg: RunConfig, built: BuiltModel, train: Split, device: t
     ``freeze_embeddings``: the token table (half of MiniLM's weights) stays as pretrained, so
     a step neither builds its dense gradient nor updates it; ``dropout``: false runs the body
     in eval mode while it learns (no dropout masks: a deterministic forward); ``batch_size``:
-    pairs (cosine) or half the examples (supcon) per step and rank, default train.batch_size."""
+    pairs (cosine) or half the examples (supcon) per step and rank, default train.batch_size;
+    ``schedule`` / ``warmup``: the stage's own LR schedule (default optim.schedule / optim.warmup,
+    which the end-to-end epochs keep); ``sampling``: how the cosine loss draws its pairs
+    (make_pairs)."""
     rank, world_size = world()
     labels = train.labels.tolist()
     bs = batch_size or cfg.train.batch_size
     if loss == "cosine":
-        pairs = make_pairs(labels, iterations, cfg.data.seed)
+        pairs = make_pairs(labels, iterations, cfg.data.seed, sampling)
         order = epoch_order(len(pairs), cfg.train.seed + cfg.data.seed, 0, rank, world_size)
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
     else:  # every rank takes its share of each global batch
         batches = [b[rank::world_size] for b in
                    supcon_batches(labels, iterations, bs * world_size, cfg.data.seed)]
     stage_cfg = cfg.replace({"optim.lr": lr, "train.grad_accum": 1,
-                             "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name})
+                             "optim.name": "adamw" if cfg.optim.name == "gd" else cfg.optim.name,
+                             "optim.schedule": schedule or cfg.optim.schedule,
+                             "optim.warmup": cfg.optim.warmup if warmup is None else warmup})
     batcher = Batcher(cfg, built, device)
     losses: list[float] = []
     with swapped_head(built, nn.Identity()), frozen_token_table(built, freeze_embeddings):
@@ -496,12 +526,14 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
 
 @register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
                                           "temperature": (1e-3, 10.0),
-                                          "batch_size": (1, 4096)}, reusable=True)
+                                          "batch_size": (1, 4096), "warmup": (0.0, 1.0)},
+                   reusable=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                 temperature: float = 0.05, label_names: LabelNames = "none",
                 freeze_embeddings: bool = False, dropout: bool = True,
-                batch_size: int | None = None) -> None:
+                batch_size: int | None = None, schedule: Schedule | None = None,
+                warmup: float | None = None, sampling: PairSampling = "anchored") -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
@@ -510,11 +542,14 @@ def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.d
     compute); ``temperature``: supcon's softmax temperature; ``label_names``: ``prior`` or
     ``anchors``, how the class names (embedded by the trained body) help the probe;
     ``freeze_embeddings`` / ``dropout`` / ``batch_size``: see contrastive_stage (each cuts the
-    stage's time: the first two a step's, a larger batch the steps, as few texts repeat)."""
+    stage's time: the first two a step's, a larger batch the steps, as few texts repeat);
+    ``schedule`` / ``warmup``: the stage's LR schedule (SetFit's: linear, 0.1); ``sampling``:
+    ``anchored`` or ``unique`` pairs (make_pairs)."""
     _, feats, names = contrastive_stage(
         cfg, built, train, device, iterations=iterations, lr=lr, loss=loss,
         temperature=temperature, also=class_names(train) if label_names != "none" else None,
-        freeze_embeddings=freeze_embeddings, dropout=dropout, batch_size=batch_size)
+        freeze_embeddings=freeze_embeddings, dropout=dropout, batch_size=batch_size,
+        schedule=schedule, warmup=warmup, sampling=sampling)
     probe_head(cfg, built, train, device, feats=feats, names=names, label_names=label_names)
 
 
