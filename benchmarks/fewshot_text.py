@@ -221,6 +221,10 @@ ABLATIONS = {**ABLATION_BASE,
              "contrastive-probe-linear": [*ABLATION_BASE["contrastive-probe"],
                                           "model.strategy_params.contrastive.schedule=linear",
                                           "model.strategy_params.contrastive.warmup=0.1"],
+             # twice the pair stage's learning rate at the same cost (more learning helped:
+             # half the rounds lost, SetFit's decaying schedule lost)
+             "contrastive-probe-lr4": [*ABLATION_BASE["contrastive-probe"],
+                                       "model.strategy_params.contrastive.lr=4.0e-5"],
              # as many pairs, drawn from the distinct ones, each once before any repeats
              "contrastive-probe-unique": [*ABLATION_BASE["contrastive-probe"],
                                           "model.strategy_params.contrastive.sampling=unique"],

@@ -204,12 +204,14 @@ def test_supcon_stage_pulls_classes_together_on_digits(tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_supcon_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("stage", ["loss: supcon", "sampling: unique, schedule: linear, "
+                                              "warmup: 0.5"])
+def test_pair_stage_runs_resume_exactly(tmp_path, stage):
     def cfg(where, *extra):
         return load_config(CONFIGS / "tiny-digits.yaml", [
             f"train.output_dir={tmp_path / where}", "train.progress=false", "train.epochs=3",
             "model.strategy=contrastive", "model.strategy_params={contrastive: {iterations: 2, "
-            "loss: supcon, lr: 1.0e-3}}", *extra])
+            f"{stage}, lr: 1.0e-3}}}}", *extra])
     full = fit(cfg("a"))
     with pytest.raises(Interrupt):
         fit(cfg("b"), interrupted_at(8))  # in the second epoch, after the stage
@@ -454,10 +456,12 @@ def test_pair_stage_options_are_searchable_and_checked_up_front(tmp_path):
     from cluster.space import parse_space
 
     space = ("tune.space={model.strategy_params.contrastive.freeze_embeddings: 'grid[true, false]',"
+             " model.strategy_params.contrastive.sampling: 'grid[anchored, unique]',"
              " model.strategy_params.contrastive.batch_size: 'grid[%s, 16]'}")
     cfg = text(tmp_path, "tune.prefer={}", space % 8)
     dims = parse_space(cfg).dims
     assert dims["model.strategy_params.contrastive.freeze_embeddings"].args == (True, False)
+    assert dims["model.strategy_params.contrastive.sampling"].args == ("anchored", "unique")
     assert dims["model.strategy_params.contrastive.batch_size"].args == (8, 16)
     with pytest.raises(ConfigError, match=r"contrastive.batch_size: value 0 of grid\[0, 16\] is "
                                           r"not allowed: 0 is out of range"):
