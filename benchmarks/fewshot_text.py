@@ -192,6 +192,10 @@ PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
                                        *PINNED_PAIR_STAGE]}
+PAIR_B16 = ["model.strategy_params.contrastive.batch_size=16",
+            "model.strategy_params.contrastive.lr=4.0e-5"]
+FROZEN_TABLE = ["model.strategy_params.contrastive.freeze_embeddings=true"]
+NO_DROPOUT = ["model.strategy_params.contrastive.dropout=false"]
 ABLATIONS = {**ABLATION_BASE,
              "supcon-probe": [*ABLATION_BASE["contrastive-probe"],
                               "model.strategy_params.contrastive.loss=supcon"],
@@ -199,24 +203,16 @@ ABLATIONS = {**ABLATION_BASE,
              "contrastive-probe-it5": [*ABLATION_BASE["contrastive-probe"],
                                        "model.strategy_params.contrastive.iterations=5"],
              # the same pairs in half the steps (twice the batch, twice the learning rate)
-             "contrastive-probe-b16": [*ABLATION_BASE["contrastive-probe"],
-                                       "model.strategy_params.contrastive.batch_size=16",
-                                       "model.strategy_params.contrastive.lr=4.0e-5"],
+             "contrastive-probe-b16": [*ABLATION_BASE["contrastive-probe"], *PAIR_B16],
              # the pair stage without its slowest parts: the token table frozen, no dropout
-             "contrastive-probe-fast": [*ABLATION_BASE["contrastive-probe"],
-                                        "model.strategy_params.contrastive.freeze_embeddings=true",
-                                        "model.strategy_params.contrastive.dropout=false"],
+             "contrastive-probe-fast": [*ABLATION_BASE["contrastive-probe"], *FROZEN_TABLE,
+                                        *NO_DROPOUT],
              # ... and the same pairs in half the steps (as -b16)
-             "contrastive-probe-fast-b16": [
-                 *ABLATION_BASE["contrastive-probe"], "model.strategy_params.contrastive.batch_size=16",
-                 "model.strategy_params.contrastive.lr=4.0e-5",
-                 "model.strategy_params.contrastive.freeze_embeddings=true",
-                 "model.strategy_params.contrastive.dropout=false"],
+             "contrastive-probe-fast-b16": [*ABLATION_BASE["contrastive-probe"], *PAIR_B16,
+                                            *FROZEN_TABLE, *NO_DROPOUT],
              # -fast-b16 with the token table trained: which of its parts costs mpqa at N=16
-             "contrastive-probe-nodrop-b16": [
-                 *ABLATION_BASE["contrastive-probe"], "model.strategy_params.contrastive.batch_size=16",
-                 "model.strategy_params.contrastive.lr=4.0e-5",
-                 "model.strategy_params.contrastive.dropout=false"],
+             "contrastive-probe-nodrop-b16": [*ABLATION_BASE["contrastive-probe"], *PAIR_B16,
+                                              *NO_DROPOUT],
              # SetFit's LR schedule in the pair stage: 10 % warmup, then linear decay to 0
              "contrastive-probe-linear": [*ABLATION_BASE["contrastive-probe"],
                                           "model.strategy_params.contrastive.schedule=linear",
