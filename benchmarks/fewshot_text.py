@@ -98,7 +98,8 @@ def drawn_lines(cfg) -> list[str]:
 # Hyperparameter selection (few-shot set only)
 
 
-def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[str, Any]:
+def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path
+                    ) -> tuple[dict[str, Any], Any, Path]:
     """A Ray Tune grid over the recipe's ``tune.space``, scored by k-fold CV on the few-shot set.
 
     The sweep is cluster/tune.py's, as ``launch.py tune`` runs it: every trial trains the
@@ -106,6 +107,7 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[s
     split is never even loaded while choosing. The choice is the sweep's own
     (cluster.report.pick_best): the recipe's ``tune.prefer`` point unless another beats its CV
     score by more than the noise of the comparison; ties go to the earlier trial of the grid.
+    Returns the selection, the sweep's config and its folder.
     """
     from cluster.report import collect_trials, pick_best
     from cluster.tune import run_sweep
@@ -121,11 +123,12 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path) -> dict[s
     if best is None:
         errors = "; ".join(r.error for r in rows if r.error)[:300]
         raise RuntimeError(f"few-shot selection: no trial finished ({errors or 'no trials'})")
-    return {"params": best.params, "cv_score": best.score, "folds": folds, "chosen": why,
-            "grid": dict(cfg.tune.space),
-            "trials": [{"params": r.params, "cv": r.score, "cv_std": r.std, "status": r.status}
-                       for r in sorted(rows, key=lambda r: r.trial_id)],
-            "how": f"Ray Tune grid (cluster/tune.py), {folds}-fold CV on the few-shot set"}
+    return ({"params": best.params, "cv_score": best.score, "folds": folds, "chosen": why,
+             "grid": dict(cfg.tune.space),
+             "trials": [{"params": r.params, "cv": r.score, "cv_std": r.std, "status": r.status}
+                        for r in sorted(rows, key=lambda r: r.trial_id)],
+             "how": f"Ray Tune grid (cluster/tune.py), {folds}-fold CV on the few-shot set"},
+            sweep, outcome.sweep_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,20 +157,34 @@ SELFTRAIN_AXIS = {"selftrain.rounds": "grid[0, 2]"}
 
 @register_method("smallshot")
 def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
-                  unlabeled: bool = False) -> dict[str, Any]:
+                  unlabeled: bool = False, refit: str = "retrain") -> dict[str, Any]:
+    from cluster.report import final_config
     from trainers.loop import fit
     from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides)
-                      + (UNLABELED if unlabeled else []))
+                      + (UNLABELED if unlabeled else []) + [f"tune.refit={refit}"])
     if unlabeled:
         cfg = cfg.replace({"tune.space": {**cfg.tune.space, **SELFTRAIN_AXIS}},
                           source="self-training axis")
-    selection = select_by_sweep(cfg, args.folds, cell.metric, Path(out) / "select")
-    final = fit(cfg.replace({**selection["params"], "train.run_name": "final"},
-                            source="selected by few-shot CV"))
+    selection, sweep, sweep_dir = select_by_sweep(cfg, args.folds, cell.metric,
+                                                  Path(out) / "select")
+    # the final run as the sweep's report trains it (cluster.report), here on this draw alone
+    chosen = sweep.replace({**selection["params"], "train.test": True,
+                            "train.output_dir": out, "train.run_name": "final"},
+                           source="selected by few-shot CV")
+    final = fit(final_config(chosen, sweep_dir))
     return {"test": _test_metrics(final.metrics), "selection": selection,
-            "recipe": str(RECIPE.relative_to(PROJECT)), "train_lines": drawn_lines(cfg)}
+            "recipe": str(RECIPE.relative_to(PROJECT)) + ("" if refit == "retrain"
+                                                          else f" tune.refit={refit}"),
+            "train_lines": drawn_lines(cfg)}
+
+
+@register_method("smallshot-soup")
+def run_soup(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
+    """smallshot's selection whose final model is the mean of the chosen config's fold
+    preparations (tune.refit=soup): the sweep's k pair stages, no new one on all K shots."""
+    return run_smallshot(cell, root, out, args, refit="soup")
 
 
 @register_method("smallshot+unlabeled")

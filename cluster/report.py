@@ -27,6 +27,7 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from cluster.trial import PREPARED
 from cluster.tune import SWEEP_RECORD
 from trainers import io
 from trainers.config import RunConfig, from_dict
@@ -404,6 +405,18 @@ def export_best(rep: Report) -> Path | None:
     return out
 
 
+def final_config(cfg: RunConfig, sweep_dir: Path) -> RunConfig:
+    """A k-fold sweep's chosen config as its final run trains it: on all K shots, and with
+    tune.refit=soup from the mean of its folds' preparations, which the sweep's trials left
+    in <sweep>/prepared (another draw prepares its folds anew)."""
+    changes: dict[str, Any] = {"data.folds": 0, "data.fold": 0}
+    if cfg.tune.refit == "soup":
+        changes["model.soup_folds"] = cfg.data.folds
+        if cfg.tune.reuse_prepared and cfg.train.prepared_cache is None:
+            changes["train.prepared_cache"] = str(Path(sweep_dir) / PREPARED)
+    return cfg.replace(changes, source="final run")
+
+
 def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
     """Train the best config on the full K-shot set of seeds 0..n-1; test metrics mean ± std.
 
@@ -427,8 +440,8 @@ def final_evaluation(rep: Report, seeds: int) -> dict[str, Any] | None:
         print(f"final evaluation: best config, few-shot seed {seed} ...", flush=True)
         return {"train.run_name": f"seed-{seed}"}
 
-    cfg = best_config(rep, best).replace(
-        {"data.folds": 0, "data.fold": 0, "train.test": True, "train.progress": False,
+    cfg = final_config(best_config(rep, best), rep.sweep_dir).replace(
+        {"train.test": True, "train.progress": False,
          "train.output_dir": str(out), "scaling.storage_path": str(out / "train")},
         source="final evaluation")
     results = evaluate_seeds(cfg, seeds, overrides=announce, source="final evaluation")

@@ -81,6 +81,9 @@ SCHEDULERS.register("asha", _asha)
 def check_sweep(cfg: RunConfig) -> None:
     """Sweep-level rules, checked before Ray starts."""
     t = cfg.tune
+    if t.refit == "soup" and cfg.data.folds < 2:
+        raise ConfigError("tune.refit=soup: the final model is the mean of the best trial's "
+                          "k-fold preparations; set data.folds=k (k >= 2)")
     if t.metric.startswith("test/"):
         raise ConfigError(f"tune.metric={t.metric!r}: a sweep selects on validation data; the "
                           f"test split is only used for the final evaluation of the best config")
@@ -163,7 +166,7 @@ def prepare_sweep_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
         now = _sweep_config(cfg).to_dict()
         # how trials are run may change between runs of a sweep, not what they learn
         diff = [d for d in _differences(before, now)
-                if d not in ("tune.reuse_runners", "tune.reuse_prepared")]
+                if d not in ("tune.reuse_runners", "tune.reuse_prepared", "tune.refit")]
         if diff:
             raise ConfigError(f"--resume: the recipe differs from the sweep at {sweep_dir} in "
                               f"{', '.join(diff[:4])}; resume with the same recipe and overrides, "
@@ -301,7 +304,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                 callbacks=[trial_log(t.metric), *tracking_callbacks(base), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures)))
     grid = tuner.fit()
-    # the trials' shared preparations (trainers/prepared.py) serve no run after the sweep
-    shutil.rmtree(sweep_dir / PREPARED, ignore_errors=True)
+    if cfg.tune.refit != "soup":  # the soup's final run averages the best trial's
+        shutil.rmtree(sweep_dir / PREPARED, ignore_errors=True)
     errors = sum(1 for r in grid if r.error is not None)
     return SweepOutcome(sweep_dir, len(grid), errors, table, plan.max_concurrent)

@@ -32,7 +32,8 @@ def test_selection_never_reads_the_test_split(tmp_path, local_ray):
                                      "selftrain.rounds: 'grid[0, 1]'}", "tune.prefer={}",
                                      f"train.output_dir={tmp_path / 'runs'}"])
     # the Ray Tune sweep trains every grid point on both folds of the 8 few-shot examples
-    selection = bench.select_by_sweep(cfg, folds=2, metric="accuracy", workdir=tmp_path / "sel")
+    selection, _, _ = bench.select_by_sweep(cfg, folds=2, metric="accuracy",
+                                            workdir=tmp_path / "sel")
     assert len(selection["trials"]) == 4
     assert all(t["status"] == "TERMINATED" and 0.0 <= t["cv"] <= 1.0
                for t in selection["trials"])

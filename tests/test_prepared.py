@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import CONFIGS, need_shared
 
@@ -72,3 +73,57 @@ def test_a_cache_that_cannot_be_written_costs_reuse_not_the_run(tmp_path, monkey
                       "train.run_name=blocked"))
     assert "test/accuracy" in result.metrics
     assert "could not keep the prepared model" in capsys.readouterr().out
+
+
+def test_a_fold_soup_is_the_mean_of_the_sweeps_fold_preparations(tmp_path, capsys):
+    from cluster.report import final_config
+    from cluster.trial import trial_config
+
+    base = text(tmp_path, "data.folds=2", "tune.refit=soup", "train.epochs=0",
+                "data.max_test=8").with_absolute_paths()
+    sweep_dir = tmp_path / "sweep"
+    trial = trial_config(base, {}, "t0", sweep_dir)  # as a k-fold sweep's trial trains
+    for fold in range(2):
+        fit(trial.replace({"data.fold": fold, "train.run_name": f"t0/fold-{fold}"}))
+    cache = Path(trial.train.prepared_cache)
+    files = sorted(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2
+    capsys.readouterr()
+
+    final = final_config(base.replace({"train.save_checkpoints": True, "train.run_name": "soup"}),
+                         sweep_dir)
+    assert (final.model.soup_folds, final.data.folds) == (2, 0)
+    soup = fit(final)
+    assert "(2 reused from train.prepared_cache)" in capsys.readouterr().out
+    assert "prepared" in soup.timings and len(list(cache.glob("*.pt"))) == 2
+    folds = [torch.load(p, weights_only=True)["model"] for p in files]
+    got = torch.load(soup.best_checkpoint / "model.pt", weights_only=True)
+    body = [k for k in got if got[k].is_floating_point() and "classifier" not in k
+            and not k.startswith("head")]
+    assert body and all(torch.allclose(got[k], (folds[0][k] + folds[1][k]) / 2, atol=1e-6)
+                        for k in body)
+    head = [k for k in got if k not in body and got[k].is_floating_point()]
+    # the probe is refit on all 8 shots, not the mean of the folds' probes on 4
+    assert head and not all(torch.allclose(got[k], (folds[0][k] + folds[1][k]) / 2)
+                            for k in head)
+
+    # the same model as preparing the two folds here, without the sweep's cache
+    fresh = fit(final.replace({"train.prepared_cache": None, "train.run_name": "fresh"}))
+    assert "(0 reused" in capsys.readouterr().out
+    mine = torch.load(fresh.best_checkpoint / "model.pt", weights_only=True)
+    assert all(torch.equal(mine[k], got[k]) for k in got)
+    assert fresh.metrics["test/accuracy"] == soup.metrics["test/accuracy"]
+
+
+def test_fold_soup_settings_that_cannot_work_are_refused_up_front(tmp_path):
+    from cluster.tune import check_sweep
+    from trainers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.soup_folds: 1 is not a split"):
+        text(tmp_path, "model.soup_folds=1")
+    with pytest.raises(ConfigError, match="the soup is the final run's.*set data.folds=0"):
+        text(tmp_path, "model.soup_folds=2", "data.folds=2")
+    with pytest.raises(ConfigError, match="model.strategy=full leaves no probe head"):
+        fit(text(tmp_path, "model.soup_folds=2", "model.strategy=full"))
+    with pytest.raises(ConfigError, match="tune.refit=soup: .*set data.folds=k"):
+        check_sweep(text(tmp_path, "tune.refit=soup"))

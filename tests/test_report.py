@@ -221,3 +221,23 @@ def test_the_preferred_point_stays_best_unless_beaten_beyond_the_noise(tmp_path:
     assert pick_best(rows, cfg.replace({"tune.prefer": {}}))[0].trial_id == "a"
     with pytest.raises(ConfigError, match=r"tune.prefer.optim.lr: not a field of tune.space"):
         cfg.replace({"tune.prefer": {"optim.lr": 0.1}})
+
+
+def test_a_soup_final_averages_the_best_trials_fold_preparations(tmp_path: Path, local_ray,
+                                                                 capsys) -> None:
+    root = tmp_path / "shapes"
+    make_images(root).unlink()
+    cfg = recipe(tmp_path, root, "data.shots=6", "data.folds=3", "data.val_shots=0",
+                 "tune.num_samples=1", "tune.space={train.epochs: 'grid[0, 1]'}",
+                 "model.strategy=lp-ft", "tune.refit=soup", "train.save_checkpoints=false",
+                 "tune.final_seeds=1")
+    run_sweep(cfg)
+    sweep = sweep_dir_of(cfg)
+    # kept for the final run: one preparation per fold, which both trials shared
+    assert len(list((sweep / "prepared").glob("*.pt"))) == 3
+    capsys.readouterr()
+    rep = write_report(sweep, final=True)
+    assert ("model.soup_folds=3: the mean of 3 fold preparations (3 reused"
+            in capsys.readouterr().out)
+    assert 0.0 <= rep.final["per_seed"][0]["test/accuracy"] <= 1.0
+    assert rep.final["cv_check"]["folds"] == 3

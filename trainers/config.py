@@ -145,6 +145,10 @@ class ModelConfig:
     adapter_params: dict[str, Any] = _f(factory=dict, help="fields of peft's LoraConfig / "
                                         "IA3Config, e.g. {r: 8, lora_alpha: 16, target_modules: "
                                         "[query, value]}")
+    soup_folds: int = _f(0, lo=0, help="k >= 2: the strategy prepares the model on each of k "
+                         "stratified folds' training parts (as a k-fold sweep's trials did, "
+                         "reused from train.prepared_cache), the prepared weights are averaged "
+                         "and the probe head refit on the whole train split; 0 = off")
 
     def validate(self) -> None:
         if self.unfreeze_after is not None and not self.freeze_backbone:
@@ -153,6 +157,8 @@ class ModelConfig:
         if self.adapter != "none" and self.freeze_backbone:
             raise ConfigError(f"model.freeze_backbone: not with model.adapter={self.adapter} "
                               f"(the adapter already freezes the backbone)")
+        if self.soup_folds == 1:
+            raise ConfigError("model.soup_folds: 1 is not a split; use 0 (off) or >= 2")
 
 
 Schedule = Literal["constant", "cosine", "linear"]
@@ -324,6 +330,10 @@ class TuneConfig:
     prefer_margin: float | None = _f(None, lo=0.0, help="how much another trial must beat "
                                      "tune.prefer by; null = the standard error of the "
                                      "difference of their k-fold means (0 without folds)")
+    refit: Literal["retrain", "soup"] = _f("retrain", help="how the final run after a k-fold "
+                                           "sweep gets its strategy's preparation: retrain on "
+                                           "all K shots, or soup: the mean of the best trial's "
+                                           "fold preparations (model.soup_folds), no new one")
 
     def validate(self) -> None:
         for key in self.prefer:
@@ -366,6 +376,15 @@ class RunConfig:
     track: TrackConfig = _f(factory=TrackConfig, help="experiment tracking (TensorBoard, MLflow)")
 
     def validate(self) -> None:
+        if self.model.soup_folds and self.data.folds:
+            raise ConfigError(f"model.soup_folds={self.model.soup_folds} with data.folds="
+                              f"{self.data.folds}: the soup is the final run's, on the whole "
+                              f"few-shot set; set data.folds=0")
+        if self.model.soup_folds and (self.scaling.num_workers > 1
+                                      or self.train.engine == "deepspeed"):
+            raise ConfigError(f"model.soup_folds={self.model.soup_folds}: averages whole "
+                              f"single-process models; not with scaling.num_workers="
+                              f"{self.scaling.num_workers} / train.engine={self.train.engine}")
         if self.selftrain.rounds and self.data.unlabeled is None:
             raise ConfigError(f"selftrain.rounds={self.selftrain.rounds}: self-training needs "
                               f"unlabelled examples; set data.unlabeled=rest or a file")

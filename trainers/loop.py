@@ -52,7 +52,7 @@ from trainers.memory import enable_grad_checkpointing
 from trainers.metrics import classification_metrics
 from trainers.models import BuiltModel, create_model
 from trainers.optim import optimizer_spec, penalty
-from trainers.prepared import prepare_or_reuse
+from trainers.prepared import prepare_fold_soup, prepare_or_reuse
 from trainers.selftrain import self_train
 from trainers.steps import train_step
 from trainers.strategies import Strategy, build_strategy, embed_split
@@ -274,9 +274,12 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
     train_split, augment = augmented_train_split(cfg, data)
     # after materialising, so a strategy's own stage (probe, pairs) also sees D ∪ T(D)
     strategy.setup(built)
-    if resume_dir is None and prepare_or_reuse(  # a resumed run carries the prepared weights
-            cfg, strategy, built, dataclasses.replace(train_split, classes=data.classes),
-            device, world_size):
+    named = dataclasses.replace(train_split, classes=data.classes)
+    if resume_dir is None and cfg.model.soup_folds:  # a resumed run carries the prepared weights
+        if prepare_fold_soup(cfg, strategy, built, named, device, world_size, fold_train_split):
+            laps.mark("prepared")
+    elif resume_dir is None and prepare_or_reuse(cfg, strategy, built, named, device,
+                                                 world_size):
         laps.mark("prepared")  # loaded: an earlier run with the same key prepared this model
     if cfg.selftrain.rounds:
         train_split = self_train(cfg, built, train_split, data.unlabeled, device, run_dir,
@@ -316,6 +319,14 @@ def check_model_takes_data(cfg: RunConfig, built: BuiltModel, data: FewShotData)
     if tuple(logits.shape) != (1, data.num_classes):
         raise DataError(f"model.name={cfg.model.name!r}: gives {tuple(logits.shape)[1:]} outputs "
                         f"per example, the data has {data.num_classes} classes")
+
+
+def fold_train_split(cfg: RunConfig) -> Split:
+    """What a k-fold run of ``cfg`` (data.folds, data.fold) hands its strategy to prepare."""
+    data = load_dataset(cfg.data, with_test=False)
+    if cfg.augment.rotated_classes:
+        data = augmenting.add_rotated_classes(data)
+    return dataclasses.replace(augmented_train_split(cfg, data)[0], classes=data.classes)
 
 
 def augmented_train_split(cfg: RunConfig, data: FewShotData) -> tuple[Split, Any]:

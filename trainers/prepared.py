@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,16 @@ import torch
 
 from trainers.config import RunConfig
 from trainers.data import Split
+from trainers.errors import ConfigError
 from trainers.locks import flock
 from trainers.models import BuiltModel
 from trainers.strategies import Strategy
 
 # config fields read only after the strategy has prepared the model (or never by training):
 # two runs that differ only here prepare the same model
-AFTER = ("name", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_at_start",
+# (train.num_threads: a sweep's trials set it, the final run may not; threads order the float
+# sums of a step, they do not change what is learned)
+AFTER = ("name", "train.num_threads", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_at_start",
          "train.monitor", "train.mode", "train.patience", "train.min_delta",
          "train.output_dir", "train.run_name", "train.resume", "train.save_checkpoints",
          "train.progress", "train.test", "train.prepared_cache",
@@ -130,3 +134,40 @@ def _cannot_keep(folder: str, e: OSError) -> None:
     """A cache that cannot be written (full disk, read-only) costs reuse, never the run."""
     print(f"warning: train.prepared_cache: could not keep the prepared model in {folder} "
           f"({e.strerror or e}); later runs will prepare their own", flush=True)
+
+
+def prepare_fold_soup(cfg: RunConfig, strategy: Strategy, built: BuiltModel, train: Split,
+                      device: torch.device, world_size: int,
+                      fold_split: Callable[[RunConfig], Split]) -> int:
+    """``model.soup_folds = k``: the strategy's preparation on each of the k folds' training
+    parts, from the same initial weights and random state, as the trials of a k-fold sweep
+    prepared them (so each comes from train.prepared_cache when one did); the model is their
+    weight average, with the probe head refit on ``train``. Returns how many were reused.
+
+    A k-fold sweep has already paid for these k preparations: the soup hands on what it
+    learned without preparing once more on all K shots (benchmarks/fewshot_text.py)."""
+    k = cfg.model.soup_folds
+    if strategy.refit_head is None:
+        raise ConfigError(f"model.soup_folds={k}: model.strategy={cfg.model.strategy} leaves no "
+                          f"probe head to refit on the averaged body; use contrastive or lp-ft")
+    start = {n: v.detach().clone() for n, v in built.module.state_dict().items()}
+    rng = _rng_state(device)
+    total: dict[str, torch.Tensor] = {}
+    reused = 0
+    for fold in range(k):
+        fold_cfg = cfg.replace({"data.folds": k, "data.fold": fold, "model.soup_folds": 0},
+                               source=f"model.soup_folds (fold {fold})")
+        part = fold_split(fold_cfg)
+        built.module.load_state_dict(start)
+        _set_rng_state(rng, device)
+        reused += prepare_or_reuse(fold_cfg, strategy, built, part, device, world_size)
+        for name, value in built.module.state_dict().items():
+            value = value.detach().float() if value.is_floating_point() else value
+            total[name] = total[name] + value if name in total else value.clone()
+    built.module.load_state_dict({n: (v / k).to(start[n].dtype) if start[n].is_floating_point()
+                                  else start[n] for n, v in total.items()})
+    _set_rng_state(rng, device)
+    strategy.refit_head(cfg, built, train, device)
+    print(f"model.soup_folds={k}: the mean of {k} fold preparations ({reused} reused from "
+          f"train.prepared_cache), probe refit on {len(train)} examples", flush=True)
+    return reused

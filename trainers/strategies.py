@@ -52,10 +52,14 @@ class Strategy:
     before the model is scored.
     """
 
-    def __init__(self, prepare: Prepare | None = None, reusable: bool = False):
+    def __init__(self, prepare: Prepare | None = None, reusable: bool = False,
+                 refit_head: Prepare | None = None):
         self._prepare = prepare
         # prepare depends on config, data, weights and RNG alone (trainers.prepared)
         self.reusable = reusable
+        # fits the head alone on the current body (a probe), for model.soup_folds; None: the
+        # strategy's head is not a function of the body and the shots
+        self.refit_head = refit_head
 
     def prepare(self, cfg: RunConfig, built: BuiltModel, train: Split,
                 device: torch.device) -> None:
@@ -91,15 +95,19 @@ STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy", "model.strategy"
 
 
 def register_strategy(name: str, ranges: dict[str, tuple[float | None, float | None]] | None = None,
-                      *, reusable: bool = False) -> Callable[[Callable], Callable]:
+                      *, reusable: bool = False, probe: bool = False
+                      ) -> Callable[[Callable], Callable]:
     """``@register_strategy("x")`` on a prepare function or a Strategy subclass. ``reusable``:
     its preparation depends on nothing but the config, the train split, the initial weights
-    and the random state, so a sweep's runs may share it (trainers.prepared)."""
+    and the random state, so a sweep's runs may share it (trainers.prepared); ``probe``: it
+    leaves the probe of the prepared body as the head (lp_ft refits it, e.g. on a soup)."""
     register = STRATEGIES.register(name, ranges=ranges)
 
     def add(entry: Callable) -> Callable:
         if reusable:
             entry.reusable = True  # type: ignore[attr-defined]
+        if probe:
+            entry.probe = True  # type: ignore[attr-defined]
         return register(entry)
     return add
 
@@ -132,7 +140,10 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
             return entry(**params)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.strategy_params.{name}: {e}") from None
-    return Strategy(partial(entry, **params), reusable=getattr(entry, "reusable", False))
+    refit = (partial(lp_ft, label_names=params.get("label_names", "none"))
+             if getattr(entry, "probe", False) else None)
+    return Strategy(partial(entry, **params), reusable=getattr(entry, "reusable", False),
+                    refit_head=refit)
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
@@ -299,7 +310,7 @@ def full(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) 
     """Fine-tune everything from a freshly initialised head."""
 
 
-@register_strategy("lp-ft", reusable=True)
+@register_strategy("lp-ft", reusable=True, probe=True)
 def lp_ft(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
           label_names: LabelNames = "none") -> None:
     """Linear probe on frozen embeddings first, then the main loop fine-tunes from that head.
@@ -527,7 +538,7 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
 @register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
                                           "temperature": (1e-3, 10.0),
                                           "batch_size": (1, 4096), "warmup": (0.0, 1.0)},
-                   reusable=True)
+                   reusable=True, probe=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                 temperature: float = 0.05, label_names: LabelNames = "none",
