@@ -241,6 +241,10 @@ ABLATIONS = {**ABLATION_BASE,
              # as many pairs, drawn from the distinct ones, each once before any repeats
              "contrastive-probe-unique": [*ABLATION_BASE["contrastive-probe"],
                                           "model.strategy_params.contrastive.sampling=unique"],
+             # the mean of the pair stages on the two halves of the shots (as 2-fold CV's
+             # trials prepare them), probe refit on all: what tune.refit=soup hands on
+             "contrastive-probe-soup": [*ABLATION_BASE["contrastive-probe"],
+                                        "model.soup_folds=2"],
              **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
                                                         f"label_names={how}"]
                 for name, strategy in (("probe", "lp-ft"), ("contrastive-probe", "contrastive"))
@@ -576,6 +580,8 @@ def method_notes(methods: list[str], folds: int) -> str:
     notes = {"smallshot": f"{RECIPE.name}, its tune.space grid scored by {folds}-fold CV on "
                           f"the few-shot set (a Ray Tune sweep per cell)",
              "smallshot+unlabeled": f"the same grid x selftrain.rounds in {{0, 2}}, {unlabeled}",
+             "smallshot-soup": "smallshot with tune.refit=soup: the final model is the mean of "
+                               "the chosen config's fold preparations, probe refit on all K",
              "setfit": "the setfit package's defaults",
              "full-ft": f"{BASELINE_RECIPE.name} defaults"}
     for name, overrides in ABLATIONS.items():

@@ -466,3 +466,8 @@ def test_pair_stage_options_are_searchable_and_checked_up_front(tmp_path):
     with pytest.raises(ConfigError, match=r"contrastive.batch_size: value 0 of grid\[0, 16\] is "
                                           r"not allowed: 0 is out of range"):
         parse_space(text(tmp_path, "tune.prefer={}", space % 0))
+    # pairs are the cosine loss's: an option supcon would silently ignore is refused
+    with pytest.raises(ConfigError, match=r"contrastive.sampling=unique: pairs are the cosine "
+                                          r"loss's; loss=supcon"):
+        text(tmp_path, "model.strategy_params.contrastive.loss=supcon",
+             "model.strategy_params.contrastive.sampling=unique")

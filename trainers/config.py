@@ -394,6 +394,10 @@ class RunConfig:
             if how != "none" and self.data.format != "text":
                 raise ConfigError(f"model.strategy_params.{name}.label_names={how}: class names "
                                   f"are text; data.format={self.data.format} has none to embed")
+            if params.get("loss") == "supcon" and params.get("sampling", "anchored") != "anchored":
+                raise ConfigError(f"model.strategy_params.{name}.sampling="
+                                  f"{params['sampling']}: pairs are the cosine loss's; "
+                                  f"loss=supcon draws whole batches (leave sampling unset)")
             if params.get("freeze_embeddings") and self.data.format != "text":
                 raise ConfigError(f"model.strategy_params.{name}.freeze_embeddings=true: a "
                                   f"token table is a text model's; data.format="
