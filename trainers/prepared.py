@@ -10,6 +10,9 @@ later run with the same key loads that instead and goes on exactly as if it had 
 model itself. A lock per key makes a concurrent run wait for the one preparing (the kernel
 drops it if that run dies) instead of preparing the same model beside it.
 
+``model.soup_folds`` (prepare_fold_soup) builds a final run's model from the k preparations
+a k-fold sweep's trials left here.
+
 Only single-process runs take part (the ranks of DDP or DeepSpeed hold replicas or shards that
 one file written by one rank does not give back), and only strategies registered
 ``reusable=True``: their preparation depends on nothing but the key.
@@ -37,8 +40,8 @@ from trainers.strategies import Strategy
 # two runs that differ only here prepare the same model
 # (train.num_threads: a sweep's trials set it, the final run may not; threads order the float
 # sums of a step, they do not change what is learned)
-AFTER = ("name", "train.num_threads", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_at_start",
-         "train.monitor", "train.mode", "train.patience", "train.min_delta",
+AFTER = ("name", "train.num_threads", "train.epochs", "train.max_steps", "train.eval_every",
+         "train.eval_at_start", "train.monitor", "train.mode", "train.patience", "train.min_delta",
          "train.output_dir", "train.run_name", "train.resume", "train.save_checkpoints",
          "train.progress", "train.test", "train.prepared_cache",
          "data.max_test", "selftrain", "track", "tune", "scaling.storage_path")
