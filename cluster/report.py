@@ -27,7 +27,7 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from cluster.trial import PREPARED
+from cluster.trial import sweep_prepared_cache
 from cluster.tune import SWEEP_RECORD
 from trainers import io
 from trainers.config import RunConfig, from_dict
@@ -411,9 +411,8 @@ def final_config(cfg: RunConfig, sweep_dir: Path) -> RunConfig:
     in <sweep>/prepared (another draw prepares its folds anew)."""
     changes: dict[str, Any] = {"data.folds": 0, "data.fold": 0}
     if cfg.tune.refit == "soup":
-        changes["model.soup_folds"] = cfg.data.folds
-        if cfg.tune.reuse_prepared and cfg.train.prepared_cache is None:
-            changes["train.prepared_cache"] = str(Path(sweep_dir) / PREPARED)
+        changes.update({"model.soup_folds": cfg.data.folds,
+                        **sweep_prepared_cache(cfg, sweep_dir)})
     return cfg.replace(changes, source="final run")
 
 

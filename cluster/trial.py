@@ -49,6 +49,14 @@ def expected_iterations(cfg: RunConfig) -> int:
     return max(t.epochs + start, 1)  # one report per evaluation, the last with the final metrics
 
 
+def sweep_prepared_cache(cfg: RunConfig, sweep_dir: str | Path) -> dict[str, Any]:
+    """Where a sweep's runs share prepared models: <sweep>/prepared, unless the recipe names
+    its own train.prepared_cache or turns tune.reuse_prepared off."""
+    if cfg.tune.reuse_prepared and cfg.train.prepared_cache is None:
+        return {"train.prepared_cache": str(Path(sweep_dir) / PREPARED)}
+    return {}
+
+
 def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
                  sweep_dir: str | Path) -> RunConfig:
     """The RunConfig a trial trains: sampled values, sweep paths, and never the test split."""
@@ -62,8 +70,7 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
         "scaling.storage_path": str(Path(sweep_dir) / "train"),
         "track.backends": [],  # the sweep's Tune callbacks track trials (tune.tracking_callbacks)
     })
-    if base.tune.reuse_prepared and base.train.prepared_cache is None:
-        overrides["train.prepared_cache"] = str(Path(sweep_dir) / PREPARED)
+    overrides.update(sweep_prepared_cache(base, sweep_dir))
     if base.train.num_threads is None and base.scaling.num_workers == 0:
         overrides["train.num_threads"] = max(1, int(TrialNeeds.from_config(base).driver_cpus))
     return base.replace(overrides, source=f"trial {trial_id}")
