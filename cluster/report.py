@@ -22,11 +22,13 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from cluster.shared_epochs import FIELD, expanded_params, metric_at, shared_counts
+from cluster.space import parse_space
 from cluster.trial import sweep_prepared_cache
 from cluster.tune import SWEEP_RECORD
 from trainers import io
@@ -123,6 +125,7 @@ def collect_trials(sweep_dir: Path, cfg: RunConfig) -> list[TrialRow]:
     gpus = TrialNeeds.from_config(cfg).gpus
     t = cfg.tune
     fields = list(t.space)
+    counts, _ = shared_counts(cfg, parse_space(cfg))
     rows = []
     for trial in analysis.trials:
         history = _history(Path(trial.path))
@@ -130,13 +133,20 @@ def collect_trials(sweep_dir: Path, cfg: RunConfig) -> list[TrialRow]:
         last = history[-1] if history else {}
         time_s = float(last.get("time_total_s", 0.0))
         params = {k: trial.config.get(k) for k in fields}
-        rows.append(TrialRow(trial.trial_id, trial.status, params, score, std,
-                             int(last.get("training_iteration", 0)), time_s,
-                             gpus * time_s / 3600.0, _error_message(trial), history))
+        row = TrialRow(trial.trial_id, trial.status, params, score, std,
+                       int(last.get("training_iteration", 0)), time_s, gpus * time_s / 3600.0,
+                       _error_message(trial), history)
+        # a trial that shared its epochs stands for one grid point per count
+        rows += ([replace(row, trial_id=f"{trial.trial_id}@epochs={e}", params=p,
+                          score=last.get(metric_at(t.metric, e)),
+                          std=last.get(metric_at(t.metric, e) + "_std"))
+                  for e, p in zip(counts, expanded_params(params, counts))] if counts else [row])
     sign = -1.0 if t.mode == "max" else 1.0
-    # a failed trial may carry a score from the evaluations before its failure: still last
+    # a failed trial may carry a score from the evaluations before its failure: still last;
+    # ties go to the earlier grid point (shared epochs: the fewer epochs first, as Tune's grid
+    # would have numbered them with train.epochs the last field)
     rows.sort(key=lambda r: (r.status == "ERROR", r.score is None, sign * (r.score or 0.0),
-                             r.trial_id))
+                             r.params.get(FIELD, 0) if counts else 0, r.trial_id))
     return rows
 
 

@@ -77,8 +77,9 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str,
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str,
-              folds_at_once: int = 1) -> None:
-    """The Tune trainable: one trial = one config, trained in-process or on Ray Train."""
+              folds_at_once: int = 1, epoch_counts: list[int] | None = None) -> None:
+    """The Tune trainable: one trial = one config, trained in-process or on Ray Train
+    (``epoch_counts``: the train.epochs values it scores, cluster/shared_epochs.py)."""
     from ray import tune
 
     runner = prepare_runner()
@@ -100,7 +101,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str,
     try:
         if cfg.data.folds > 1:
             info["folds_at_once"], info["folds"] = folds_at_once, []
-            _run_folds(cfg, trial_id, folds_at_once, info["folds"])
+            _run_folds(cfg, trial_id, folds_at_once, info["folds"], epoch_counts)
         else:
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
@@ -155,21 +156,27 @@ def _run_once(cfg: RunConfig, trial_id: str) -> None:
 
 
 def _run_folds(cfg: RunConfig, trial_id: str, at_once: int = 1,
-               where: list[dict[str, Any]] | None = None) -> None:
+               where: list[dict[str, Any]] | None = None,
+               counts: list[int] | None = None) -> None:
     """k folds; after each (in fold order), report the running mean/std over folds done.
-    ``where`` gets, per fold, the process that trained it and when."""
+    ``where`` gets, per fold, the process that trained it and when. With ``counts`` (shared
+    epochs), each count's running mean/std too, and ``metric`` is that of the best count."""
     from ray import tune
+
+    from cluster.shared_epochs import metric_at, scores_at
 
     metric = cfg.tune.metric
     scores: list[float] = []
+    at: dict[int, list[float]] = {e: [] for e in counts or []}
     folds = [cfg.replace({"data.fold": f, "train.run_name": f"{trial_id}/fold-{f}"})
              for f in range(cfg.data.folds)]
-    lasts = (_side_by_side(folds, at_once) if at_once > 1 and cfg.scaling.num_workers == 0
-             else (_train_fold(c, trial_id, f) for f, c in enumerate(folds)))
-    with contextlib.closing(lasts):  # a stop raised in tune.report cancels running folds now
-        for fold, (last, ran) in enumerate(lasts):
+    histories = (_side_by_side(folds, at_once) if at_once > 1 and cfg.scaling.num_workers == 0
+                 else (_train_fold(c, trial_id, f) for f, c in enumerate(folds)))
+    with contextlib.closing(histories):  # a stop raised in tune.report cancels running folds
+        for fold, (history, ran) in enumerate(histories):
             if where is not None:
                 where.append({"fold": fold, **ran})
+            last = history[-1] if history else {}
             if metric not in last:
                 raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run "
                                   f"reports ({', '.join(sorted(last))})")
@@ -178,37 +185,45 @@ def _run_folds(cfg: RunConfig, trial_id: str, at_once: int = 1,
             mean, std = mean_std(scores)
             row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
                         "fold": fold + 1})
+            for e, value in scores_at(history, list(at), metric).items():
+                at[e].append(value)
+                row[metric_at(metric, e)], row[metric_at(metric, e) + "_std"] = mean_std(at[e])
+            if at:  # Tune (and ASHA) see the trial at its best count
+                sign = 1.0 if cfg.tune.mode == "max" else -1.0
+                best = max(at, key=lambda e: (sign * row[metric_at(metric, e)], -e))
+                row[metric], row[f"{metric}_std"] = (row[metric_at(metric, best)],
+                                                     row[metric_at(metric, best) + "_std"])
             tune.report(row)
 
 
 def _train_fold(cfg: RunConfig, trial_id: str,
-                fold: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train one fold; its last evaluation (not the best: no selection on it) and where/when."""
+                fold: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train one fold; its evaluation rows (the trial scores the last, not the best: no
+    selection on them) and where/when."""
     if cfg.scaling.num_workers > 0:
         started = time.time()
         result = _trainer(cfg, f"{trial_id}-fold-{fold}", report_to_tune=False).fit()
         if result.error is not None:
             raise result.error
-        rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
-        return (rows[-1] if rows else {}), {"trainer": True, "started": started,
-                                            "ended": time.time()}
-    return _fit_last(cfg.to_dict())
+        return io.read_jsonl(cfg.run_dir / "metrics.jsonl"), {
+            "trainer": True, "started": started, "ended": time.time()}
+    return _fit_history(cfg.to_dict())
 
 
-def _fit_last(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """fit one fold's config (plain data: also the body of a fold task); its last evaluation,
+def _fit_history(cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """fit one fold's config (plain data: also the body of a fold task); its evaluation rows,
     and the process and times it trained in."""
     from trainers.loop import fit
 
     ran = {"pid": os.getpid(), "started": time.time()}
     result = fit(from_dict(cfg, source="fold config"))
     ran["ended"] = time.time()
-    return (result.history[-1] if result.history else {}), ran
+    return result.history, ran
 
 
 def _side_by_side(folds: list[RunConfig],
                   at_once: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """What _fit_last gives for each fold, in fold order, ``at_once`` folds at a time: one in
+    """What _fit_history gives for each fold, in fold order, ``at_once`` folds at a time: one in
     this process, the others as Ray tasks in the trial's placement group (Tune has a trial's
     tasks use it), each slot taking the next fold when it is free. Tasks still running when
     the trial ends (ASHA stopped it, a fold failed) are cancelled."""
@@ -217,7 +232,7 @@ def _side_by_side(folds: list[RunConfig],
     from cluster.resources import TrialNeeds
 
     alone = TrialNeeds.from_config(folds[0])
-    task = ray.remote(_fit_last).options(num_cpus=alone.driver_cpus,
+    task = ray.remote(_fit_history).options(num_cpus=alone.driver_cpus,
                                          num_gpus=alone.driver_gpus, max_retries=0)
     queued = collections.deque(range(len(folds)))
     running: dict[Any, int] = {}
@@ -245,7 +260,7 @@ def _side_by_side(folds: list[RunConfig],
                 if queued:  # this process takes the next fold, the tasks the ones after it
                     mine = queued.popleft()
                     fill()
-                    done[mine] = _fit_last(folds[mine].to_dict())
+                    done[mine] = _fit_history(folds[mine].to_dict())
                     collect(wait=False)
                 else:
                     collect(wait=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.shared_epochs import shared_counts, trial_base, trial_space
 from cluster.space import COND_SEP, SearchSpace, parse_space
 from cluster.trial import PREPARED, expected_iterations, run_trial, trial_dirname
 from trainers import io
@@ -271,6 +272,11 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         check_sweep_data(cfg, space)
     sweep_dir = prepare_sweep_dir(cfg, resume=resume, overwrite=overwrite)
     base = _sweep_config(cfg)
+    counts, why = shared_counts(cfg, space)
+    if why:
+        print(why, flush=True)
+    if counts:  # one trial per point of the rest of the grid, scored at each epoch count
+        space, base = trial_space(space), trial_base(base, counts)
 
     from ray import tune
 
@@ -282,7 +288,8 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     print(table, flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=str(sweep_dir),
-                             folds_at_once=plan.folds_at_once),
+                             folds_at_once=plan.folds_at_once,
+                             epoch_counts=list(counts) if counts else None),
         plan.trial_resources)
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,

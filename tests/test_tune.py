@@ -333,3 +333,61 @@ def test_self_training_is_chosen_by_cv_on_the_draw(tmp_path: Path, local_ray) ->
     timings = [json.loads(p.read_text())["timings"] for p in runs.glob("*/fold-*/result.json")]
     assert len(timings) == 4 and sum("prepared" in t for t in timings) == 2
     assert not (sweep_dir_of(cfg) / "prepared").exists()  # removed with the sweep's end
+
+
+# --------------------------------------------------------------------------------------------
+# Shared epochs: a k-fold grid's train.epochs axis from one run per fold
+
+
+SHARED = ["data.folds=2", "data.val_shots=0", "data.shots=8", "train.save_checkpoints=false",
+          "tune.space={model.strategy: 'grid[lp-ft, full]', train.epochs: 'grid[0, 1, 3]'}",
+          "tune.search=grid", "tune.scheduler=none", "tune.num_samples=1", "tune.final_seeds=0"]
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["optim.schedule=linear"], "optim.schedule"),
+    (["optim.warmup=0.1"], "optim.warmup"),
+    (["train.patience=2"], "train.patience"),
+    (["train.eval_every=3"], "train.eval_every"),
+    (["tune.space={train.epochs: 'grid[0, 2]', optim.schedule: 'grid[constant, cosine]'}"],
+     "optim.schedule"),
+    (["tune.search=random", "tune.space={train.epochs: 'choice[0, 2]'}"], "grid[...]"),
+])
+def test_epochs_are_not_shared_where_the_first_epochs_depend_on_the_total(
+        tmp_path: Path, extra: list[str], reason: str) -> None:
+    from cluster.shared_epochs import shared_counts
+
+    cfg = tiny(tmp_path, *SHARED, *extra)
+    counts, why = shared_counts(cfg, parse_space(cfg))
+    assert counts is None and reason in why and "a trial per value" in why
+    for off in (["tune.share_epochs=false"], ["data.folds=0", "data.val_shots=5"]):
+        cfg = tiny(tmp_path, *SHARED, *off)  # asked not to, or no folds: silently per value
+        assert shared_counts(cfg, parse_space(cfg)) == (None, "")
+    cfg = tiny(tmp_path, *SHARED)
+    assert shared_counts(cfg, parse_space(cfg)) == ((0, 1, 3), "")
+
+
+@pytest.mark.ray
+def test_shared_epochs_score_every_grid_point_as_its_own_trial_would(tmp_path: Path,
+                                                                     local_ray) -> None:
+    """2 trials instead of 6, and the same k-fold mean and std for each of the 6 points (the
+    run of 3 epochs passes through where the runs of 0 and 1 end), so the same choice."""
+    from cluster.report import collect_trials, pick_best
+
+    prefer = "tune.prefer={model.strategy: full, train.epochs: 3}"
+    shared = tiny(tmp_path, *SHARED, prefer, "tune.name=shared")
+    apart = tiny(tmp_path, *SHARED, prefer, "tune.name=apart", "tune.share_epochs=false")
+    assert run_sweep(shared).trials == 2 and run_sweep(apart).trials == 6
+    rows = {s.tune.name: collect_trials(sweep_dir_of(s), s) for s in (shared, apart)}
+
+    def scores(name: str) -> dict[tuple, tuple]:
+        return {(r.params["model.strategy"], r.params["train.epochs"]): (r.score, r.std)
+                for r in rows[name]}
+
+    assert len(rows["shared"]) == 6 and rows["shared"][0].trial_id.count("@epochs=") == 1
+    assert scores("shared").keys() == scores("apart").keys()
+    for point, (score, std) in scores("apart").items():
+        assert scores("shared")[point] == pytest.approx((score, std), abs=1e-9), point
+    assert len({s for s, _ in scores("apart").values()}) > 1  # the points do differ
+    assert [r.params for r in rows["shared"]] == [r.params for r in rows["apart"]]  # ties too
+    assert pick_best(rows["shared"], shared)[0].params == pick_best(rows["apart"], apart)[0].params

@@ -322,6 +322,10 @@ class TuneConfig:
                               "train.epochs) share its prepared model, per fold "
                               "(train.prepared_cache = <sweep>/prepared); false = each prepares "
                               "its own")
+    share_epochs: bool = _f(True, help="k-fold grid sweeps over train.epochs: one trial per "
+                            "point of the rest of the grid trains the most epochs and is scored "
+                            "after each listed count, exact when the LR schedule is constant "
+                            "(cluster/shared_epochs.py); false = a trial per count")
     name: str | None = _f(None, help="sweep name (folder under output_dir); default from recipe")
     final_seeds: int = _f(3, lo=0, help="few-shot seeds for the final test of the best config")
     prefer: dict[str, Any] = _f(factory=dict, help="a default point of the space (tune.space "
