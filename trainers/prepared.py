@@ -1,8 +1,9 @@
 """A strategy's prepared model, kept on disk for the next run that would prepare the same one.
 
-A sweep over what comes after the strategy (the few-shot grid's ``train.epochs: grid[0, 10]``)
-repeats the same preparation in every trial on the same fold: there the contrastive pair stage
-is most of a trial's time, and it ran twice per fold. With ``train.prepared_cache`` set (sweeps
+A sweep over what comes after the strategy (``selftrain.rounds: grid[0, 2]``, or
+``train.epochs`` where one trial cannot score all its values, cluster/shared_epochs.py) repeats
+the same preparation in every trial on the same fold: there the contrastive pair stage is most
+of a trial's time, and it ran once per trial and fold. With ``train.prepared_cache`` set (sweeps
 set ``<sweep>/prepared``), a run stores the model as its strategy left it, with the random
 state, under a key of everything that can change it: the config less the fields in ``AFTER``,
 the train split's content, the initial weights and the random state before the strategy. A
