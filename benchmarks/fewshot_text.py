@@ -245,6 +245,10 @@ ABLATIONS = {**ABLATION_BASE,
              # trials prepare them), probe refit on all: what tune.refit=soup hands on
              "contrastive-probe-soup": [*ABLATION_BASE["contrastive-probe"],
                                         "model.soup_folds=2"],
+             # ... then a few pair rounds on all the shots from the averaged body
+             **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
+                                                 "model.soup_folds=2", f"model.soup_topup={n}"]
+                for n in (2, 4)},
              **{f"{name}-{how}": [*ABLATION_BASE[name], f"model.strategy_params.{strategy}."
                                                         f"label_names={how}"]
                 for name, strategy in (("probe", "lp-ft"), ("contrastive-probe", "contrastive"))

@@ -115,6 +115,40 @@ def test_a_fold_soup_is_the_mean_of_the_sweeps_fold_preparations(tmp_path, capsy
     assert fresh.metrics["test/accuracy"] == soup.metrics["test/accuracy"]
 
 
+def test_a_topped_up_soup_trains_a_few_rounds_on_all_shots_from_the_mean(tmp_path, capsys):
+    from cluster.report import final_config
+    from cluster.trial import trial_config
+
+    base = text(tmp_path, "data.folds=2", "tune.refit=soup", "train.epochs=0",
+                "data.max_test=8", "model.soup_topup=1").with_absolute_paths()
+    sweep_dir = tmp_path / "sweep"
+    trial = trial_config(base, {}, "t0", sweep_dir)  # model.soup_topup is not in their key
+    for fold in range(2):
+        fit(trial.replace({"data.fold": fold, "train.run_name": f"t0/fold-{fold}"}))
+    final = final_config(base.replace({"train.save_checkpoints": True}), sweep_dir)
+    capsys.readouterr()
+    runs = {}
+    for name, topup in (("plain", 0), ("topped", 1)):
+        runs[name] = fit(final.replace({"model.soup_topup": topup, "train.run_name": name}))
+        out = capsys.readouterr().out
+        assert "(2 reused from train.prepared_cache)" in out
+        assert ("1 more round(s) and the probe on 8 examples" in out) == bool(topup)
+    plain, topped = (torch.load(runs[n].best_checkpoint / "model.pt", weights_only=True)
+                     for n in ("plain", "topped"))
+    body = [k for k in plain if plain[k].is_floating_point() and "embeddings" not in k
+            and "classifier" not in k and not k.startswith("head")]
+    assert body and not all(torch.allclose(plain[k], topped[k]) for k in body)  # it trained
+    # without the sweep's cache: the same folds, the same top-up, bit for bit
+    fresh = fit(final.replace({"train.prepared_cache": None, "train.run_name": "fresh"}))
+    mine = torch.load(fresh.best_checkpoint / "model.pt", weights_only=True)
+    assert all(torch.equal(mine[k], topped[k]) for k in topped)
+
+    # lp-ft has no rounds: its soup is the probe refit, topped up or not
+    probes = [fit(final.replace({"model.strategy": "lp-ft", "model.soup_topup": n,
+                                 "train.run_name": f"lp-{n}"})).metrics for n in (0, 1)]
+    assert probes[0] == probes[1]
+
+
 def test_fold_soup_settings_that_cannot_work_are_refused_up_front(tmp_path):
     from cluster.tune import check_sweep
     from trainers.errors import ConfigError

@@ -149,6 +149,12 @@ class ModelConfig:
                          "stratified folds' training parts (as a k-fold sweep's trials did, "
                          "reused from train.prepared_cache), the prepared weights are averaged "
                          "and the probe head refit on the whole train split; 0 = off")
+    soup_topup: int = _f(0, lo=0, hi=1000, help="read by model.soup_folds (and tune.refit=soup) "
+                         "alone: after averaging, the "
+                         "strategy prepares once more on the whole train split with this many "
+                         "rounds (its `iterations`, e.g. contrastive's pair rounds), so the "
+                         "averaged body also meets the pairs across folds; 0 (and strategies "
+                         "without rounds, lp-ft) = only the probe refit")
 
     def validate(self) -> None:
         if self.unfreeze_after is not None and not self.freeze_backbone:

@@ -35,7 +35,7 @@ from trainers.data import Split
 from trainers.errors import ConfigError
 from trainers.locks import flock
 from trainers.models import BuiltModel
-from trainers.strategies import Strategy
+from trainers.strategies import Strategy, build_strategy, topped_up
 
 # config fields read only after the strategy has prepared the model (or never by training):
 # two runs that differ only here prepare the same model
@@ -45,7 +45,8 @@ AFTER = ("name", "train.num_threads", "train.epochs", "train.max_steps", "train.
          "train.eval_at_start", "train.monitor", "train.mode", "train.patience", "train.min_delta",
          "train.output_dir", "train.run_name", "train.resume", "train.save_checkpoints",
          "train.progress", "train.test", "train.prepared_cache",
-         "data.max_test", "selftrain", "track", "tune", "scaling.storage_path")
+         "data.max_test", "selftrain", "track", "tune", "scaling.storage_path",
+         "model.soup_topup")
 
 
 def _drop(tree: dict[str, Any], dotted: str) -> None:
@@ -171,7 +172,13 @@ def prepare_fold_soup(cfg: RunConfig, strategy: Strategy, built: BuiltModel, tra
     built.module.load_state_dict({n: (v / k).to(start[n].dtype) if start[n].is_floating_point()
                                   else start[n] for n, v in total.items()})
     _set_rng_state(rng, device)
-    strategy.refit_head(cfg, built, train, device)
+    topup = topped_up(cfg)
+    if topup is not None:  # the stage once more, short, on all K: pairs across the folds
+        build_strategy(topup).prepare(topup, built, train, device)
+    else:
+        strategy.refit_head(cfg, built, train, device)
+    then = (f"{cfg.model.soup_topup} more round(s) and the probe" if topup is not None
+            else "probe refit")
     print(f"model.soup_folds={k}: the mean of {k} fold preparations ({reused} reused from "
-          f"train.prepared_cache), probe refit on {len(train)} examples", flush=True)
+          f"train.prepared_cache), {then} on {len(train)} examples", flush=True)
     return reused

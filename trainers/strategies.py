@@ -33,7 +33,7 @@ from trainers.data import Split
 from trainers.engines import create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
-from trainers.registry import Registry
+from trainers.registry import Registry, params_of
 from trainers.steps import train_step
 
 Prepare = Callable[[RunConfig, BuiltModel, Split, torch.device], None]
@@ -149,6 +149,16 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 def build_strategy(cfg: RunConfig) -> Strategy:
     """model.strategy with its model.strategy_params, ready for ``fit``."""
     return make_strategy(cfg.model.strategy, strategy_params(cfg))
+
+
+def topped_up(cfg: RunConfig) -> RunConfig | None:
+    """``cfg`` whose strategy runs ``model.soup_topup`` rounds (the soup's top-up stage), or
+    None when there is none: topping up is off, or the strategy has no rounds (lp-ft)."""
+    if not cfg.model.soup_topup or "iterations" not in params_of(
+            STRATEGIES.get(cfg.model.strategy)):
+        return None
+    return cfg.replace({f"model.strategy_params.{cfg.model.strategy}.iterations":
+                        cfg.model.soup_topup}, source="model.soup_topup")
 
 
 def apply_strategy(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
