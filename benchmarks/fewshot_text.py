@@ -50,7 +50,7 @@ DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "acc
 # path) cache their cells under the recipe's generation: bump it with any change of the
 # recipe's defaults, so that older cells are not reused as if they were current
 RECIPE_GENERATION = 1
-FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled"}
+FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled", "smallshot-soup"}
 
 
 @dataclass(frozen=True)
@@ -157,13 +157,14 @@ SELFTRAIN_AXIS = {"selftrain.rounds": "grid[0, 2]"}
 
 @register_method("smallshot")
 def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
-                  unlabeled: bool = False, refit: str = "retrain") -> dict[str, Any]:
+                  unlabeled: bool = False, refit: str = "retrain",
+                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from cluster.report import final_config
     from trainers.loop import fit
     from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides)
-                      + (UNLABELED if unlabeled else []) + [f"tune.refit={refit}"])
+                      + (UNLABELED if unlabeled else []) + [f"tune.refit={refit}", *extra])
     if unlabeled:
         cfg = cfg.replace({"tune.space": {**cfg.tune.space, **SELFTRAIN_AXIS}},
                           source="self-training axis")
@@ -175,8 +176,9 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
                            source="selected by few-shot CV")
     final = fit(final_config(chosen, sweep_dir))
     return {"test": _test_metrics(final.metrics), "selection": selection,
-            "recipe": str(RECIPE.relative_to(PROJECT)) + ("" if refit == "retrain"
-                                                          else f" tune.refit={refit}"),
+            "recipe": " ".join([str(RECIPE.relative_to(PROJECT)),
+                                *([] if refit == "retrain" else [f"tune.refit={refit}"]),
+                                *extra]),
             "train_lines": drawn_lines(cfg)}
 
 
@@ -185,6 +187,18 @@ def run_soup(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict
     """smallshot's selection whose final model is the mean of the chosen config's fold
     preparations (tune.refit=soup): the sweep's k pair stages, no new one on all K shots."""
     return run_smallshot(cell, root, out, args, refit="soup")
+
+
+# the tune path with other sweep settings (named with --methods): refit, overrides
+TUNE_VARIANTS = {
+    # each train.epochs value its own trial, as before tune.share_epochs (the same scores)
+    "smallshot-soup-apart": ("soup", ("tune.share_epochs=false",)),
+    # the soup topped up with 2 pair rounds on all K
+    "smallshot-soup-t2": ("soup", ("model.soup_topup=2",)),
+}
+for _name, (_refit, _extra) in TUNE_VARIANTS.items():
+    register_method(_name)(partial(run_smallshot, refit=_refit, extra=_extra))
+    FOLLOWS_RECIPE.add(_name)
 
 
 @register_method("smallshot+unlabeled")
@@ -588,6 +602,8 @@ def method_notes(methods: list[str], folds: int) -> str:
                                "the chosen config's fold preparations, probe refit on all K",
              "setfit": "the setfit package's defaults",
              "full-ft": f"{BASELINE_RECIPE.name} defaults"}
+    for name, (refit, extra) in TUNE_VARIANTS.items():
+        notes[name] = f"smallshot with tune.refit={refit} {' '.join(extra)}"
     for name, overrides in ABLATIONS.items():
         notes[name] = f"{RECIPE.name} {' '.join(overrides)}"
         notes[f"{name}+unlabeled"] = f"{name} + 2 self-training rounds, {unlabeled}"
