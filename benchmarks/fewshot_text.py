@@ -259,6 +259,10 @@ ABLATIONS = {**ABLATION_BASE,
              # trials prepare them), probe refit on all: what tune.refit=soup hands on
              "contrastive-probe-soup": [*ABLATION_BASE["contrastive-probe"],
                                         "model.soup_folds=2"],
+             # SetFit's label templates: 2 x "This sentence is <class name>." per class join
+             # the pair stage's examples
+             "contrastive-probe-templates": [*ABLATION_BASE["contrastive-probe"],
+                                             "model.strategy_params.contrastive.templates=2"],
              # ... then a few pair rounds on all the shots from the averaged body
              **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
                                                  "model.soup_folds=2", f"model.soup_topup={n}"]

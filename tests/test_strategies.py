@@ -471,3 +471,40 @@ def test_pair_stage_options_are_searchable_and_checked_up_front(tmp_path):
                                           r"loss's; loss=supcon"):
         text(tmp_path, "model.strategy_params.contrastive.loss=supcon",
              "model.strategy_params.contrastive.sampling=unique")
+
+
+def test_label_templates_join_the_pair_stage_resume_exactly_and_are_searchable(tmp_path):
+    from cluster.space import parse_space
+    from trainers.strategies import templated
+
+    cfg = text(tmp_path, "train.epochs=0")
+    data = load_dataset(cfg.data, with_test=False)
+    train = Split(data.train.inputs, data.train.labels, classes=data.classes)
+    staged = templated(train, 2, "It was {}.")
+    n, names = len(train), train.classes
+    assert staged.inputs[:n] == train.inputs and staged.labels[:n].tolist() == train.labels.tolist()
+    assert staged.inputs[n:] == [f"It was {c}." for c in names for _ in range(2)]
+    assert staged.labels[n:].tolist() == [c for c in range(len(names)) for _ in range(2)]
+
+    def run(where, *extra, hooks=None):
+        return fit(text(tmp_path / where, "train.epochs=3", "train.save_checkpoints=true",
+                        "model.strategy_params.contrastive.iterations=2", *extra), hooks)
+
+    plain = run("plain")
+    full = run("full", "model.strategy_params.contrastive.templates=2")
+    a, b = (torch.load(r.best_checkpoint / "model.pt", weights_only=True) for r in (plain, full))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the pair stage saw the templates
+    with pytest.raises(Interrupt):
+        run("cut", "model.strategy_params.contrastive.templates=2", hooks=interrupted_at(2))
+    resumed = run("cut", "model.strategy_params.contrastive.templates=2", "train.resume=true")
+    assert resumed.steps == full.steps
+    assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in full.history]
+    assert resumed.metrics["test/accuracy"] == full.metrics["test/accuracy"]
+
+    space = "tune.space={model.strategy_params.contrastive.templates: 'grid[0, 2]'}"
+    dims = parse_space(text(tmp_path, "tune.prefer={}", space)).dims
+    assert dims["model.strategy_params.contrastive.templates"].args == (0, 2)
+    with pytest.raises(ConfigError, match=r"contrastive.template='This is it': needs a \{\}"):
+        text(tmp_path, "model.strategy_params.contrastive.template=This is it")
+    with pytest.raises(ConfigError, match="templates=2: templates hold class names"):
+        digits(tmp_path, "model.strategy_params.contrastive.templates=2")

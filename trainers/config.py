@@ -408,6 +408,14 @@ class RunConfig:
                 raise ConfigError(f"model.strategy_params.{name}.sampling="
                                   f"{params['sampling']}: pairs are the cosine loss's; "
                                   f"loss=supcon draws whole batches (leave sampling unset)")
+            if params.get("templates") and self.data.format != "text":
+                raise ConfigError(f"model.strategy_params.{name}.templates="
+                                  f"{params['templates']}: templates hold class names, which are "
+                                  f"text; data.format={self.data.format} has none")
+            if "{}" not in str(params.get("template", "{}")):
+                raise ConfigError(f"model.strategy_params.{name}.template="
+                                  f"{params['template']!r}: needs a {{}} where the class name "
+                                  f"goes, e.g. 'This sentence is {{}}.'")
             if params.get("freeze_embeddings") and self.data.format != "text":
                 raise ConfigError(f"model.strategy_params.{name}.freeze_embeddings=true: a "
                                   f"token table is a text model's; data.format="

@@ -545,16 +545,28 @@ def supcon_batch_loss(forward: Callable[..., torch.Tensor], batcher: Batcher, sp
                    **batch_inputs(batcher, split, batch, "a_"))
 
 
+def templated(train: Split, copies: int, template: str) -> Split:
+    """``train`` and, per class, ``copies`` examples of its name in ``template`` (SetFit's
+    label templates): texts that say what the class is, for the pair stage to pull towards."""
+    names = class_names(train)
+    texts = [template.format(n) for n in names.inputs for _ in range(copies)]
+    labels = names.labels.repeat_interleave(copies)
+    return Split(list(train.inputs) + texts, torch.cat([train.labels, labels]),
+                 classes=train.classes)
+
+
 @register_strategy("contrastive", ranges={"iterations": (1, 1000), "lr": (0.0, 1.0),
                                           "temperature": (1e-3, 10.0),
-                                          "batch_size": (1, 4096), "warmup": (0.0, 1.0)},
+                                          "batch_size": (1, 4096), "warmup": (0.0, 1.0),
+                                          "templates": (0, 64)},
                    reusable=True, probe=True)
 def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device, *,
                 iterations: int = 5, lr: float = 2e-5, loss: ContrastiveLoss = "cosine",
                 temperature: float = 0.05, label_names: LabelNames = "none",
                 freeze_embeddings: bool = False, dropout: bool = True,
                 batch_size: int | None = None, schedule: Schedule | None = None,
-                warmup: float | None = None, sampling: PairSampling = "anchored") -> None:
+                warmup: float | None = None, sampling: PairSampling = "anchored",
+                templates: int = 0, template: str = "This sentence is {}.") -> None:
     """SetFit-style: contrastive stage on the body, then the probe head on the new embeddings.
 
     ``iterations``: pair rounds, each pairs every example with one same-class and one
@@ -565,13 +577,17 @@ def contrastive(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.d
     ``freeze_embeddings`` / ``dropout`` / ``batch_size``: see contrastive_stage (each cuts the
     stage's time: the first two a step's, a larger batch the steps, as few texts repeat);
     ``schedule`` / ``warmup``: the stage's LR schedule (SetFit's: linear, 0.1); ``sampling``:
-    ``anchored`` or ``unique`` pairs (make_pairs)."""
+    ``anchored`` or ``unique`` pairs (make_pairs); ``templates``: copies per class of its name
+    in ``template`` that join the pair stage's examples (SetFit's label templates; the probe
+    still fits the labelled examples alone)."""
+    staged = templated(train, templates, template) if templates else train
     _, feats, names = contrastive_stage(
-        cfg, built, train, device, iterations=iterations, lr=lr, loss=loss,
+        cfg, built, staged, device, iterations=iterations, lr=lr, loss=loss,
         temperature=temperature, also=class_names(train) if label_names != "none" else None,
         freeze_embeddings=freeze_embeddings, dropout=dropout, batch_size=batch_size,
         schedule=schedule, warmup=warmup, sampling=sampling)
-    probe_head(cfg, built, train, device, feats=feats, names=names, label_names=label_names)
+    probe_head(cfg, built, train, device, feats=feats[:len(train)], names=names,
+               label_names=label_names)
 
 
 def pair_loss(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device,
