@@ -1,13 +1,15 @@
 """The README's few-shot selection, end to end: wall time vs the trials' pure training time.
 
-Runs ``launch.py tune configs/fewshot-minilm.yaml data.folds=2`` (4 trials x 2 folds on one
-SST-2 draw of 8 shots per class, then one final run of the best config on the test split) as a
-user would, in a new process, once per mode, one after another: ``fresh`` (a new process per
-trial, ``tune.reuse_runners=false``), ``warm`` (warm runners) and ``shared`` (warm runners, and
-trials that differ only after the strategy share its prepared model per fold,
-``tune.reuse_prepared``: the default). Pure training is what every run spends learning and
+Runs ``launch.py tune configs/fewshot-minilm.yaml data.folds=2`` over the grid strategy
+{contrastive, lp-ft} x train.epochs {0, 10} (pinned: 4 points x 2 folds on one SST-2 draw of 8
+shots per class, then one final run of the best config on the test split) as a user would, in
+a new process, once per mode, one after another: ``fresh`` (a new process per trial,
+``tune.reuse_runners=false``), ``warm`` (warm runners), ``shared`` (warm runners, and trials
+that differ only after the strategy share its prepared model per fold,
+``tune.reuse_prepared``) and ``epochs`` (shared, and one trial per strategy scored after 0 and
+10 epochs, ``tune.share_epochs``: the default). Pure training is what every run spends learning and
 scoring - ``trainers.timing`` phases ``strategy`` (the contrastive / probe stage), ``train``
-and ``evaluate`` - summed over the 8 fold runs and the final run. Goal: wall <= 1.5x that sum.
+and ``evaluate`` - summed over the fold runs and the final run. Goal: wall <= 1.5x that sum.
 Every mode must score each trial the same (the CV scores are compared).
 
     python -m benchmarks.fewshot_selection [--modes warm shared]   # ~15 min on 2 cores
@@ -31,9 +33,18 @@ from benchmarks.common import SST2, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ("strategy", "train", "evaluate")
-MODES = {"fresh": ["tune.reuse_runners=false", "tune.reuse_prepared=false"],
-         "warm": ["tune.reuse_runners=true", "tune.reuse_prepared=false"],
-         "shared": ["tune.reuse_runners=true", "tune.reuse_prepared=true"]}
+MODES = {"fresh": ["tune.reuse_runners=false", "tune.reuse_prepared=false",
+                   "tune.share_epochs=false"],
+         "warm": ["tune.reuse_runners=true", "tune.reuse_prepared=false",
+                  "tune.share_epochs=false"],
+         "shared": ["tune.reuse_runners=true", "tune.reuse_prepared=true",
+                    "tune.share_epochs=false"],
+         "epochs": ["tune.reuse_runners=true", "tune.reuse_prepared=true",
+                    "tune.share_epochs=true"]}
+# the grid these modes differ on: strategy x end-to-end epochs (pinned, whatever the recipe's
+# own tune.space is now)
+GRID = ["tune.space={model.strategy: 'grid[contrastive, lp-ft]', train.epochs: 'grid[0, 10]'}",
+        "tune.prefer={model.strategy: contrastive, train.epochs: 0}"]
 
 
 def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -41,7 +52,7 @@ def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str
     overrides), timed; what its runs spent per phase."""
     cmd = [sys.executable, "launch.py", "tune", "configs/fewshot-minilm.yaml", "data.folds=2",
            f"data.root={SST2}", f"train.output_dir={out}", f"tune.name=select-{mode}",
-           "tune.final_seeds=1", *MODES.get(mode, []), *extra, "--overwrite"]
+           "tune.final_seeds=1", *GRID, *MODES.get(mode, []), *extra, "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
@@ -60,8 +71,12 @@ def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str
     scores = {}
     for t in trials:  # the CV score each trial reported last, by its sampled params
         rows = (sweep / t["trial_id"] / "result.json").read_text().splitlines()
-        key = ", ".join(f"{k}={v}" for k, v in sorted(t["params"].items()))
-        scores[key] = json.loads(rows[-1]).get("val/accuracy") if rows else None
+        last = json.loads(rows[-1]) if rows else {}
+        shared = {int(k.split("=")[1]): v for k, v in last.items()  # one trial per epochs value
+                  if k.startswith("val/accuracy@epochs=") and not k.endswith("_std")}
+        for epochs, value in (shared.items() if shared else [(None, last.get("val/accuracy"))]):
+            params = t["params"] if epochs is None else {**t["params"], "train.epochs": epochs}
+            scores[", ".join(f"{k}={v}" for k, v in sorted(params.items()))] = value
     plan = re.search(r"resource plan: (\d+) trial", proc.stdout)
     return {"wall_s": round(wall, 1), "concurrency": int(plan.group(1)) if plan else None, "runs": len(runs), "pure_training_s": round(pure, 1),
             "fit_total_s": round(fit_total, 1), "ratio": round(wall / pure, 2),
@@ -92,12 +107,14 @@ def markdown(res: dict[str, Any]) -> str:
             + markdown_table(["mode", "trial processes", "wall (s)", "wall vs warm",
                               "pure training (s)", "all of fit (s)", "wall / pure training"],
                              rows)
-            + f"\nOne SST-2 draw (8 shots per class), 4 trials x 2 folds + 1 final run "
-            f"(tune.final_seeds=1) = {base['runs']} runs; wall includes the new process, "
+            + f"\nOne SST-2 draw (8 shots per class), the grid strategy {{contrastive, lp-ft}} x "
+            f"train.epochs {{0, 10}} (4 points) x 2 folds + 1 final run (tune.final_seeds=1); wall includes the new process, "
             f"`ray.init`, the sweep and the report. Modes: fresh = a new process per trial; warm "
             f"= warm runners; shared = warm runners + trials that differ only after the "
-            f"strategy share its prepared model per fold (`tune.reuse_prepared`, the default; "
-            f"its loads are the `prepared` phase). Pure training = `trainers.timing` phases "
+            f"strategy share its prepared model per fold (`tune.reuse_prepared`; its loads are "
+            f"the `prepared` phase), a trial per train.epochs value; epochs = shared + one trial "
+            f"per strategy scored after 0 and 10 epochs (`tune.share_epochs`; both on by "
+            f"default). Pure training = `trainers.timing` phases "
             f"{', '.join(PURE)} summed over the runs (trials run {base['concurrency']} at a "
             f"time, so wall may be below the sum).\n\n"
             "## Seconds per fit phase, summed over the runs\n\n"
