@@ -49,7 +49,9 @@ DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "acc
 # methods that run the recipe as configs/fewshot-minilm.yaml has it now (the README's tune
 # path) cache their cells under the recipe's generation: bump it with any change of the
 # recipe's defaults, so that older cells are not reused as if they were current
-RECIPE_GENERATION = 1
+# (1: grid strategy x epochs, retrain; 2: label templates in the pair stage, grid strategy x
+# templates, tune.refit=soup topped up with 4 pair rounds)
+RECIPE_GENERATION = 2
 FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled", "smallshot-soup"}
 
 
@@ -157,14 +159,16 @@ SELFTRAIN_AXIS = {"selftrain.rounds": "grid[0, 2]"}
 
 @register_method("smallshot")
 def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
-                  unlabeled: bool = False, refit: str = "retrain",
+                  unlabeled: bool = False, refit: str | None = None,
                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe's own selection (``refit``: another tune.refit; ``extra``: more overrides)."""
     from cluster.report import final_config
     from trainers.loop import fit
     from trainers.recipe import load_config
 
     cfg = load_config(RECIPE, cell_overrides(cell, root, out) + list(args.smallshot_overrides)
-                      + (UNLABELED if unlabeled else []) + [f"tune.refit={refit}", *extra])
+                      + (UNLABELED if unlabeled else [])
+                      + ([f"tune.refit={refit}"] if refit else []) + list(extra))
     if unlabeled:
         cfg = cfg.replace({"tune.space": {**cfg.tune.space, **SELFTRAIN_AXIS}},
                           source="self-training axis")
@@ -177,24 +181,21 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
     final = fit(final_config(chosen, sweep_dir))
     return {"test": _test_metrics(final.metrics), "selection": selection,
             "recipe": " ".join([str(RECIPE.relative_to(PROJECT)),
-                                *([] if refit == "retrain" else [f"tune.refit={refit}"]),
-                                *extra]),
+                                *([f"tune.refit={refit}"] if refit else []), *extra]),
             "train_lines": drawn_lines(cfg)}
 
 
 @register_method("smallshot-soup")
 def run_soup(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
     """smallshot's selection whose final model is the mean of the chosen config's fold
-    preparations (tune.refit=soup): the sweep's k pair stages, no new one on all K shots."""
+    preparations (tune.refit=soup, whatever the recipe says; generation 1's retrained)."""
     return run_smallshot(cell, root, out, args, refit="soup")
 
 
 # the tune path with other sweep settings (named with --methods): refit, overrides
 TUNE_VARIANTS = {
-    # each train.epochs value its own trial, as before tune.share_epochs (the same scores)
-    "smallshot-soup-apart": ("soup", ("tune.share_epochs=false",)),
-    # the soup topped up with 2 pair rounds on all K
-    "smallshot-soup-t2": ("soup", ("model.soup_topup=2",)),
+    # the chosen config retrained on all K shots (a third pair stage), not the topped-up soup
+    "smallshot-retrain": ("retrain", ()),
 }
 for _name, (_refit, _extra) in TUNE_VARIANTS.items():
     register_method(_name)(partial(run_smallshot, refit=_refit, extra=_extra))
@@ -213,13 +214,15 @@ def run_self_trained(cell: Cell, root: Path, out: str, args: argparse.Namespace
 # without the noise of selecting it by CV on a few dozen examples (named with --methods)
 # the recipe's pair stage as these ablations ran it, pinned so that the cells cached under
 # their names stay what they measured should the recipe's defaults change
-PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.lr=2.0e-5",
+PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.iterations=10",
+                     "model.strategy_params.contrastive.lr=2.0e-5",
                      "model.strategy_params.contrastive.batch_size=8",
                      "model.strategy_params.contrastive.freeze_embeddings=false",
                      "model.strategy_params.contrastive.dropout=true",
                      "model.strategy_params.contrastive.schedule=constant",
                      "model.strategy_params.contrastive.warmup=0.0",
-                     "model.strategy_params.contrastive.sampling=anchored"]
+                     "model.strategy_params.contrastive.sampling=anchored",
+                     "model.strategy_params.contrastive.templates=0", "model.soup_topup=0"]
 ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
                                        *PINNED_PAIR_STAGE]}
@@ -600,7 +603,8 @@ def method_notes(methods: list[str], folds: int) -> str:
                  "(16 pseudo-labels per class per round); its own column, since it sees text "
                  "the others do not")
     notes = {"smallshot": f"{RECIPE.name}, its tune.space grid scored by {folds}-fold CV on "
-                          f"the few-shot set (a Ray Tune sweep per cell)",
+                          f"the few-shot set (a Ray Tune sweep per cell), the final model as its "
+                          f"tune.refit says",
              "smallshot+unlabeled": f"the same grid x selftrain.rounds in {{0, 2}}, {unlabeled}",
              "smallshot-soup": "smallshot with tune.refit=soup: the final model is the mean of "
                                "the chosen config's fold preparations, probe refit on all K",

@@ -49,7 +49,7 @@ def test_quick_run_of_our_methods_caches_cells(tmp_path, local_ray):
     args = ["--quick", *TINY, "--results-dir", str(tmp_path), "--methods", "smallshot", "full-ft",
             "--smallshot-overrides", "model.strategy_params.contrastive.iterations=1",
             "tune.space={model.strategy: 'grid[lp-ft]', train.epochs: 'grid[0, 2]'}",
-            "--baseline-overrides", "train.epochs=1"]
+            "tune.prefer={}", "--baseline-overrides", "train.epochs=1"]
     payload = bench.main(args)
     cells = {c["method"]: c for c in payload["cells"]}
     assert set(cells) == {"smallshot", "full-ft"}
@@ -137,9 +137,13 @@ def test_cached_cells_keep_meaning_what_they_measured(monkeypatch):
     assert strategy_params(cfg) == {"iterations": 10, "lr": 2e-5, "batch_size": 8,
                                     "freeze_embeddings": False, "dropout": True,
                                     "schedule": "constant", "warmup": 0.0,
-                                    "sampling": "anchored"}
+                                    "sampling": "anchored", "templates": 0}
+    assert cfg.model.soup_topup == 0
     # the methods that follow the recipe cache under its generation (from the second on)
+    monkeypatch.setattr(bench, "RECIPE_GENERATION", 1)
     assert bench.Cell("cr", 8, 0, "smallshot", 0).key == "cr-n8-s0-tfull-smallshot"
     monkeypatch.setattr(bench, "RECIPE_GENERATION", 2)
     assert bench.Cell("cr", 8, 0, "smallshot", 0).key == "cr-n8-s0-tfull-smallshot-g2"
+    assert bench.Cell("cr", 8, 0, "smallshot-retrain", 0).key == (
+        "cr-n8-s0-tfull-smallshot-retrain-g2")
     assert bench.Cell("cr", 8, 0, "contrastive-probe", 0).key == "cr-n8-s0-tfull-contrastive-probe"

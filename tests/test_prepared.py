@@ -80,7 +80,7 @@ def test_a_fold_soup_is_the_mean_of_the_sweeps_fold_preparations(tmp_path, capsy
     from cluster.trial import trial_config
 
     base = text(tmp_path, "data.folds=2", "tune.refit=soup", "train.epochs=0",
-                "data.max_test=8").with_absolute_paths()
+                "data.max_test=8", "model.soup_topup=0").with_absolute_paths()
     sweep_dir = tmp_path / "sweep"
     trial = trial_config(base, {}, "t0", sweep_dir)  # as a k-fold sweep's trial trains
     for fold in range(2):
