@@ -44,7 +44,7 @@ MODES = {"fresh": ["tune.reuse_runners=false", "tune.reuse_prepared=false",
 # the grid these modes differ on: strategy x end-to-end epochs (pinned, whatever the recipe's
 # own tune.space is now)
 GRID = ["tune.space={model.strategy: 'grid[contrastive, lp-ft]', train.epochs: 'grid[0, 10]'}",
-        "tune.prefer={model.strategy: contrastive, train.epochs: 0}"]
+        "tune.prefer={model.strategy: contrastive, train.epochs: 0}", "tune.refit=retrain"]
 
 
 def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -56,7 +56,8 @@ TASKS = {
     "minilm": Task("fewshot-minilm.yaml",
                    (f"data.root={SST2}", "data.shots=16", "data.val_shots=32",
                     "data.test_split=null", "model.strategy=full", "optim.schedule=constant",
-                    "train.batch_size=8", "train.num_threads=1"),
+                    "train.batch_size=8", "train.num_threads=1", "tune.prefer={}",
+                    "tune.refit=retrain"),
                    ("momentum", "adamw"), (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), 5,
                    "few-shot SST-2, all-MiniLM-L6-v2, K=16"),
 }
