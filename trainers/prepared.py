@@ -12,7 +12,7 @@ model itself. A lock per key makes a concurrent run wait for the one preparing (
 drops it if that run dies) instead of preparing the same model beside it.
 
 ``model.soup_folds`` (prepare_fold_soup) builds a final run's model from the k preparations
-a k-fold sweep's trials left here.
+a k-fold sweep's trials left here, topped up with ``model.soup_topup`` rounds on all K.
 
 Only single-process runs take part (the ranks of DDP or DeepSpeed hold replicas or shards that
 one file written by one rank does not give back), and only strategies registered
