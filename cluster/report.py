@@ -27,7 +27,7 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from cluster.shared_epochs import FIELD, expanded_params, metric_at, shared_counts
+from cluster.shared_epochs import FIELD, metric_at, shared_counts
 from cluster.space import parse_space
 from cluster.trial import sweep_prepared_cache
 from cluster.tune import SWEEP_RECORD
@@ -137,10 +137,10 @@ def collect_trials(sweep_dir: Path, cfg: RunConfig) -> list[TrialRow]:
                        int(last.get("training_iteration", 0)), time_s, gpus * time_s / 3600.0,
                        _error_message(trial), history)
         # a trial that shared its epochs stands for one grid point per count
-        rows += ([replace(row, trial_id=f"{trial.trial_id}@epochs={e}", params=p,
-                          score=last.get(metric_at(t.metric, e)),
+        rows += ([replace(row, trial_id=f"{trial.trial_id}@epochs={e}",
+                          params={**params, FIELD: e}, score=last.get(metric_at(t.metric, e)),
                           std=last.get(metric_at(t.metric, e) + "_std"))
-                  for e, p in zip(counts, expanded_params(params, counts))] if counts else [row])
+                  for e in counts] if counts else [row])
     sign = -1.0 if t.mode == "max" else 1.0
     # a failed trial may carry a score from the evaluations before its failure: still last;
     # ties go to the earlier grid point (shared epochs: the fewer epochs first, as Tune's grid

@@ -84,9 +84,3 @@ def scores_at(history: list[dict[str, Any]], counts: tuple[int, ...] | list[int]
                                 f"{[h.get('epoch') for h in history]})")
         out[e] = float(row[metric])
     return out
-
-
-def expanded_params(params: dict[str, Any], counts: tuple[int, ...]) -> list[dict[str, Any]]:
-    """The grid points one shared trial stands for."""
-    return [{**params, FIELD: e} for e in counts]
-

@@ -233,7 +233,7 @@ def _side_by_side(folds: list[RunConfig],
 
     alone = TrialNeeds.from_config(folds[0])
     task = ray.remote(_fit_history).options(num_cpus=alone.driver_cpus,
-                                         num_gpus=alone.driver_gpus, max_retries=0)
+                                            num_gpus=alone.driver_gpus, max_retries=0)
     queued = collections.deque(range(len(folds)))
     running: dict[Any, int] = {}
     done: dict[int, Any] = {}
