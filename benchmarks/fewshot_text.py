@@ -266,6 +266,15 @@ ABLATIONS = {**ABLATION_BASE,
              # the pair stage's examples
              "contrastive-probe-templates": [*ABLATION_BASE["contrastive-probe"],
                                              "model.strategy_params.contrastive.templates=2"],
+             # the templates with the pair stage's fast settings: the token table frozen, no
+             # dropout (-fast), and 16 pairs a step at twice the learning rate (-fast-b16)
+             "contrastive-probe-templates-fast": [
+                 *ABLATION_BASE["contrastive-probe"],
+                 "model.strategy_params.contrastive.templates=2", *FROZEN_TABLE, *NO_DROPOUT],
+             "contrastive-probe-templates-fast-b16": [
+                 *ABLATION_BASE["contrastive-probe"],
+                 "model.strategy_params.contrastive.templates=2", *PAIR_B16, *FROZEN_TABLE,
+                 *NO_DROPOUT],
              # ... then a few pair rounds on all the shots from the averaged body
              **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
                                                  "model.soup_folds=2", f"model.soup_topup={n}"]
