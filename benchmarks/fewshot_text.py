@@ -266,7 +266,7 @@ ABLATIONS = {**ABLATION_BASE,
              # the pair stage's examples
              "contrastive-probe-templates": [*ABLATION_BASE["contrastive-probe"],
                                              "model.strategy_params.contrastive.templates=2"],
-             # the templates with the pair stage's fast settings: the token table frozen, no
+             # the templates with the pair stage's fast settings: the token table frozen and no
              # dropout (-fast), and 16 pairs a step at twice the learning rate (-fast-b16)
              "contrastive-probe-templates-fast": [
                  *ABLATION_BASE["contrastive-probe"],
@@ -275,6 +275,11 @@ ABLATIONS = {**ABLATION_BASE,
                  *ABLATION_BASE["contrastive-probe"],
                  "model.strategy_params.contrastive.templates=2", *PAIR_B16, *FROZEN_TABLE,
                  *NO_DROPOUT],
+             # ... 16 pairs a step alone (dropout off costs mpqa at N=16:
+             # fewshot_pairstage_dropout_mpqa.md)
+             "contrastive-probe-templates-b16": [
+                 *ABLATION_BASE["contrastive-probe"],
+                 "model.strategy_params.contrastive.templates=2", *PAIR_B16],
              # ... then a few pair rounds on all the shots from the averaged body
              **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
                                                  "model.soup_folds=2", f"model.soup_topup={n}"]
