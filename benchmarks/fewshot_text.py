@@ -50,8 +50,9 @@ DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "acc
 # path) cache their cells under the recipe's generation: bump it with any change of the
 # recipe's defaults, so that older cells are not reused as if they were current
 # (1: grid strategy x epochs, retrain; 2: label templates in the pair stage, grid strategy x
-# templates, tune.refit=soup topped up with 4 pair rounds)
-RECIPE_GENERATION = 2
+# templates, tune.refit=soup topped up with 4 pair rounds; 3: 16 pairs a step at twice the LR,
+# grid strategy alone, a trial's two folds side by side)
+RECIPE_GENERATION = 3
 FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled", "smallshot-soup"}
 
 
