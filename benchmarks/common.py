@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -11,8 +12,23 @@ from typing import Any
 from trainers import io
 from trainers.metrics import mean_std  # noqa: F401  (the benchmarks' one mean ± sample std)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 SST2 = RESULTS.parent.parent.parent / "shared" / "data" / "text" / "sst2"
+
+
+def timed_launch(args: list[str], env: dict[str, str], timeout: float = 3600
+                 ) -> tuple[subprocess.CompletedProcess, float]:
+    """``launch.py <args>`` in a new process from the repo root: its output and wall seconds;
+    a failure raises with the command and the tail of its output."""
+    cmd = [sys.executable, "launch.py", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc, wall
 
 
 def need_sst2() -> Path:

@@ -22,16 +22,13 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SST2, markdown_table, write_results
+from benchmarks.common import ROOT, SST2, markdown_table, timed_launch, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
 PURE = ("strategy", "train", "evaluate")
 MODES = {"fresh": ["tune.reuse_runners=false", "tune.reuse_prepared=false",
                    "tune.share_epochs=false"],
@@ -50,16 +47,11 @@ GRID = ["tune.space={model.strategy: 'grid[contrastive, lp-ft]', train.epochs: '
 def run_selection(out: Path, mode: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One ``launch.py tune`` of the README's selection in a new process (``extra``: more
     overrides), timed; what its runs spent per phase."""
-    cmd = [sys.executable, "launch.py", "tune", "configs/fewshot-minilm.yaml", "data.folds=2",
-           f"data.root={SST2}", f"train.output_dir={out}", f"tune.name=select-{mode}",
-           "tune.final_seeds=1", *GRID, *MODES.get(mode, []), *extra, "--overwrite"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
-                          check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    proc, wall = timed_launch(
+        ["tune", "configs/fewshot-minilm.yaml", "data.folds=2", f"data.root={SST2}",
+         f"train.output_dir={out}", f"tune.name=select-{mode}", "tune.final_seeds=1", *GRID,
+         *MODES.get(mode, []), *extra, "--overwrite"],
+        {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
     sweep = out / "sweeps" / f"select-{mode}"
     runs = sorted(sweep.glob("runs/*/fold-*/result.json")) + sorted(
         sweep.glob("final/seed-*/result.json"))

@@ -24,13 +24,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SST2, in_turn, markdown_table, need_sst2, write_results
+from benchmarks.common import (
+    ROOT,
+    SST2,
+    in_turn,
+    markdown_table,
+    need_sst2,
+    timed_launch,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 KEPT = "Ray Train, 1 worker, instance kept up (launch.py up)"
 CASES = {  # name -> (overrides, extra environment)
     "in process": (["scaling.num_workers=0"], {}),
@@ -56,15 +62,10 @@ def launch_env(out: Path, kept: bool) -> dict[str, str]:
 def run(out: Path, case: str, rep: int) -> dict[str, Any]:
     overrides, env = CASES[case]
     name = f"case{list(CASES).index(case)}-{rep}"
-    cmd = [sys.executable, "launch.py", "train", "configs/fewshot-minilm.yaml",
-           f"data.root={SST2}", f"train.output_dir={out}", f"train.run_name={name}",
-           "train.epochs=10", "train.num_threads=1", "scaling.cpus_per_worker=1", *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          check=False, env={**launch_env(out, case == KEPT), **env})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    proc, wall = timed_launch(
+        ["train", "configs/fewshot-minilm.yaml", f"data.root={SST2}", f"train.output_dir={out}",
+         f"train.run_name={name}", "train.epochs=10", "train.num_threads=1",
+         "scaling.cpus_per_worker=1", *overrides], {**launch_env(out, case == KEPT), **env})
     res: dict[str, Any] = {"wall_s": round(wall, 2)}
     workers = out / name / "workers"
     if (workers / "driver.json").is_file():
