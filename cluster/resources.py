@@ -443,9 +443,11 @@ def plan_folds(nodes: Iterable[Node | Mapping[str, Any]], cfg: Any, trials: int,
     for at_once in range(min(want or k, k), 1, -1):
         try:
             plan = plan_trial_resources(nodes, TrialNeeds.for_folds(cfg, at_once), cap)
-        except ClusterError:
-            if want:  # asked for: say why it cannot be
-                raise
+        except ClusterError as e:
+            if want:  # asked for: say why it cannot be, and what runs instead
+                raise ClusterError(f"tune.parallel_folds={want}: {e}; tune.parallel_folds=0 "
+                                   "trains as many folds at once as there is room for, 1 one "
+                                   "after another") from None
             continue
         if want or plan.max_concurrent >= trials:
             even = math.ceil(k / math.ceil(k / at_once))

@@ -166,5 +166,8 @@ def test_parallel_folds_setting_is_obeyed_or_refused_in_one_line() -> None:
     assert fold_plan([{"CPU": 8}], 8, "tune.parallel_folds=2").folds_at_once == 2
     assert fold_plan([{"CPU": 8}], 1, "scaling.num_workers=2").folds_at_once == 1  # Ray Train
     assert fold_plan([{"CPU": 2}], 1).folds_at_once == 2  # two 1-CPU folds on 2 CPUs
-    with pytest.raises(ClusterError, match="3 folds at once"):
+    with pytest.raises(ClusterError, match="3 folds at once") as refused:
         fold_plan([{"CPU": 2}], 1, "tune.parallel_folds=3")
+    message = str(refused.value)
+    assert message.startswith("tune.parallel_folds=3: ") and "tune.parallel_folds=0" in message
+    assert "\n" not in message
