@@ -36,11 +36,6 @@ NODE_IP_ENV = "SMALLSHOT_RAY_NODE_IP"
 # installs, is off; with it off, every component binds to 127.0.0.1.
 RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-# modules Ray's worker processes import as they start (Ray starts a few as the first driver
-# connects): a trial's or a fold task's process then finds torch and transformers loaded
-# instead of importing them on the sweep's critical path (benchmarks/results/ray_preload.md)
-PRELOAD = "RAY_preload_python_modules"
-PRELOADED = "torch,transformers"
 
 
 def ensure_ray(address: str | None = None, **local_kwargs: Any) -> dict[str, float]:
@@ -94,7 +89,6 @@ def start_local(ray: Any, kwargs: dict[str, Any]) -> None:
     # Train's preemption watcher (an extra actor per run, observability only) watches for
     # nodes being taken away, which a machine's own instance never sees; a user's value wins
     started_with[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
-    started_with[PRELOAD] = os.environ.get(PRELOAD, PRELOADED)
     saved = {k: os.environ.get(k) for k in started_with}
     os.environ.update(started_with)
     try:

@@ -61,31 +61,3 @@ def test_up_train_down(tmp_path: Path) -> None:
     finally:
         launch(env, "down")
 
-
-PRELOAD_PROBE = """
-import json, sys, ray
-from cluster.session import ensure_ray
-ensure_ray(num_cpus=1)
-def loaded():  # runs in a Ray worker process; imports nothing itself
-    return [m for m in ("torch", "transformers") if m in sys.modules]
-print(json.dumps(ray.get(ray.remote(loaded).remote())))
-ray.shutdown()
-"""
-
-
-@pytest.mark.parametrize("setting, expected", [(None, ["torch", "transformers"]), ("", [])])
-def test_local_workers_start_with_torch_loaded_unless_the_user_says_otherwise(
-        tmp_path: Path, setting: str | None, expected: list[str]) -> None:
-    """A trial's or fold task's process finds torch and transformers imported (Ray's workers
-    preload them as they start); RAY_preload_python_modules, when set, is the user's."""
-    from cluster.session import PRELOAD
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", PRELOAD)}
-    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
-                "SMALLSHOT_LOCAL_RAY_FILE": str(tmp_path / "none.json")})
-    if setting is not None:
-        env[PRELOAD] = setting
-    out = subprocess.run([sys.executable, "-c", PRELOAD_PROBE], cwd=ROOT, env=env, text=True,
-                         capture_output=True, timeout=180, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
