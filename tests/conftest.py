@@ -46,9 +46,13 @@ def simulated_cluster(head: dict[str, Any], nodes: list[dict[str, Any]]) -> Iter
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    from cluster.session import free_port
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
+    if head.get("include_dashboard"):  # Ray's fixed default (8265) fails where another Ray holds it
+        head = {"dashboard_port": free_port("127.0.0.1"), **head}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         added = [cluster.add_node(**n) for n in nodes]
