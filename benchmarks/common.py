@@ -14,7 +14,7 @@ from trainers.metrics import mean_std  # noqa: F401  (the benchmarks' one mean Â
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SST2 = RESULTS.parent.parent.parent / "shared" / "data" / "text" / "sst2"
+SST2 = ROOT.parent / "shared" / "data" / "text" / "sst2"
 
 
 def timed_launch(args: list[str], env: dict[str, str], timeout: float = 3600

@@ -231,6 +231,10 @@ PAIR_B16 = ["model.strategy_params.contrastive.batch_size=16",
             "model.strategy_params.contrastive.lr=4.0e-5"]
 FROZEN_TABLE = ["model.strategy_params.contrastive.freeze_embeddings=true"]
 NO_DROPOUT = ["model.strategy_params.contrastive.dropout=false"]
+# SetFit's label templates: 2 x "This sentence is <class name>." per class join the pair
+# stage's examples
+WITH_TEMPLATES = [*ABLATION_BASE["contrastive-probe"],
+                  "model.strategy_params.contrastive.templates=2"]
 ABLATIONS = {**ABLATION_BASE,
              "supcon-probe": [*ABLATION_BASE["contrastive-probe"],
                               "model.strategy_params.contrastive.loss=supcon"],
@@ -263,24 +267,15 @@ ABLATIONS = {**ABLATION_BASE,
              # trials prepare them), probe refit on all: what tune.refit=soup hands on
              "contrastive-probe-soup": [*ABLATION_BASE["contrastive-probe"],
                                         "model.soup_folds=2"],
-             # SetFit's label templates: 2 x "This sentence is <class name>." per class join
-             # the pair stage's examples
-             "contrastive-probe-templates": [*ABLATION_BASE["contrastive-probe"],
-                                             "model.strategy_params.contrastive.templates=2"],
+             "contrastive-probe-templates": WITH_TEMPLATES,
              # the templates with the pair stage's fast settings: the token table frozen and no
              # dropout (-fast), and 16 pairs a step at twice the learning rate (-fast-b16)
-             "contrastive-probe-templates-fast": [
-                 *ABLATION_BASE["contrastive-probe"],
-                 "model.strategy_params.contrastive.templates=2", *FROZEN_TABLE, *NO_DROPOUT],
-             "contrastive-probe-templates-fast-b16": [
-                 *ABLATION_BASE["contrastive-probe"],
-                 "model.strategy_params.contrastive.templates=2", *PAIR_B16, *FROZEN_TABLE,
-                 *NO_DROPOUT],
+             "contrastive-probe-templates-fast": [*WITH_TEMPLATES, *FROZEN_TABLE, *NO_DROPOUT],
+             "contrastive-probe-templates-fast-b16": [*WITH_TEMPLATES, *PAIR_B16, *FROZEN_TABLE,
+                                                      *NO_DROPOUT],
              # ... 16 pairs a step alone (dropout off costs mpqa at N=16:
              # fewshot_pairstage_dropout_mpqa.md)
-             "contrastive-probe-templates-b16": [
-                 *ABLATION_BASE["contrastive-probe"],
-                 "model.strategy_params.contrastive.templates=2", *PAIR_B16],
+             "contrastive-probe-templates-b16": [*WITH_TEMPLATES, *PAIR_B16],
              # ... then a few pair rounds on all the shots from the averaged body
              **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
                                                  "model.soup_folds=2", f"model.soup_topup={n}"]

@@ -60,4 +60,3 @@ def test_up_train_down(tmp_path: Path) -> None:
         assert "no local Ray instance kept up" in launch(env, "down").stdout
     finally:
         launch(env, "down")
-
