@@ -19,7 +19,6 @@ side by side as Ray tasks in them (``folds_at_once``), reported in fold order al
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import math
 import os
@@ -93,18 +92,25 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str,
     info = {"trial_id": trial_id, "params": {k: v for k, v in config.items()
                                              if COND_SEP not in k},
             "started": time.time(), "pid": os.getpid(), "node_id": _node_id(), **runner}
-    t0 = time.perf_counter()
-    import trainers.loop  # noqa: F401 - torch & co: paid once per runner, timed for benchmarks
-
-    info["imports_s"] = round(time.perf_counter() - t0, 4)
-    io.write_json(record, info)
+    histories = None
     try:
         if cfg.data.folds > 1:
             info["folds_at_once"], info["folds"] = folds_at_once, []
-            _run_folds(cfg, trial_id, folds_at_once, info["folds"], epoch_counts)
+            # side-by-side folds start their tasks now: those processes import torch and load
+            # the model while this one does (3-4 s of a few-shot trial's 10)
+            histories = _fold_histories(cfg, trial_id, folds_at_once)
+        t0 = time.perf_counter()
+        import trainers.loop  # noqa: F401 - torch & co: paid once per runner, timed for benchmarks
+
+        info["imports_s"] = round(time.perf_counter() - t0, 4)
+        io.write_json(record, info)
+        if histories is not None:
+            _report_folds(cfg, histories, info["folds"], epoch_counts)
         else:
             _run_once(cfg, trial_id)
     finally:  # also when Tune stops the trial (it unwinds this thread) or training fails
+        if histories is not None:
+            histories.close()  # cancels fold tasks still running (a stop raised in tune.report)
         info["ended"] = time.time()
         _release_memory()
         info["release_s"] = round(time.time() - info["ended"], 4)
@@ -155,10 +161,20 @@ def _run_once(cfg: RunConfig, trial_id: str) -> None:
     fit(cfg, Hooks(on_evaluation=on_evaluation, on_finish=on_finish))
 
 
-def _run_folds(cfg: RunConfig, trial_id: str, at_once: int = 1,
-               where: list[dict[str, Any]] | None = None,
-               counts: list[int] | None = None) -> None:
-    """k folds; after each (in fold order), report the running mean/std over folds done.
+def _fold_histories(cfg: RunConfig, trial_id: str, at_once: int = 1) -> Any:
+    """What each of the k folds' runs gives (_fit_history), in fold order: one after another in
+    this process, or ``at_once`` side by side (their tasks submitted here, before the first
+    fold is asked for). Closing it cancels the folds still running."""
+    folds = [cfg.replace({"data.fold": f, "train.run_name": f"{trial_id}/fold-{f}"})
+             for f in range(cfg.data.folds)]
+    if at_once > 1 and cfg.scaling.num_workers == 0:
+        return _SideBySide(folds, at_once)
+    return (_train_fold(c, trial_id, f) for f, c in enumerate(folds))
+
+
+def _report_folds(cfg: RunConfig, histories: Any, where: list[dict[str, Any]] | None = None,
+                  counts: list[int] | None = None) -> None:
+    """After each fold (in fold order), report the running mean/std over folds done.
     ``where`` gets, per fold, the process that trained it and when. With ``counts`` (shared
     epochs), each count's running mean/std too, and ``metric`` is that of the best count."""
     from ray import tune
@@ -168,32 +184,27 @@ def _run_folds(cfg: RunConfig, trial_id: str, at_once: int = 1,
     metric = cfg.tune.metric
     scores: list[float] = []
     at: dict[int, list[float]] = {e: [] for e in counts or []}
-    folds = [cfg.replace({"data.fold": f, "train.run_name": f"{trial_id}/fold-{f}"})
-             for f in range(cfg.data.folds)]
-    histories = (_side_by_side(folds, at_once) if at_once > 1 and cfg.scaling.num_workers == 0
-                 else (_train_fold(c, trial_id, f) for f, c in enumerate(folds)))
-    with contextlib.closing(histories):  # a stop raised in tune.report cancels running folds
-        for fold, (history, ran) in enumerate(histories):
-            if where is not None:
-                where.append({"fold": fold, **ran})
-            last = history[-1] if history else {}
-            if metric not in last:
-                raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run "
-                                  f"reports ({', '.join(sorted(last))})")
-            scores.append(float(last[metric]))
-            row = {k: v for k, v in numeric(last).items() if not k.startswith("val/")}
-            mean, std = mean_std(scores)
-            row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
-                        "fold": fold + 1})
-            for e, value in scores_at(history, list(at), metric).items():
-                at[e].append(value)
-                row[metric_at(metric, e)], row[metric_at(metric, e) + "_std"] = mean_std(at[e])
-            if at:  # Tune (and ASHA) see the trial at its best count
-                sign = 1.0 if cfg.tune.mode == "max" else -1.0
-                best = max(at, key=lambda e: (sign * row[metric_at(metric, e)], -e))
-                row[metric], row[f"{metric}_std"] = (row[metric_at(metric, best)],
-                                                     row[metric_at(metric, best) + "_std"])
-            tune.report(row)
+    for fold, (history, ran) in enumerate(histories):
+        if where is not None:
+            where.append({"fold": fold, **ran})
+        last = history[-1] if history else {}
+        if metric not in last:
+            raise ConfigError(f"tune.metric={metric!r}: not among the metrics a run "
+                              f"reports ({', '.join(sorted(last))})")
+        scores.append(float(last[metric]))
+        row = {k: v for k, v in numeric(last).items() if not k.startswith("val/")}
+        mean, std = mean_std(scores)
+        row.update({metric: mean, f"{metric}_std": std, f"{metric}_fold": scores[-1],
+                    "fold": fold + 1})
+        for e, value in scores_at(history, list(at), metric).items():
+            at[e].append(value)
+            row[metric_at(metric, e)], row[metric_at(metric, e) + "_std"] = mean_std(at[e])
+        if at:  # Tune (and ASHA) see the trial at its best count
+            sign = 1.0 if cfg.tune.mode == "max" else -1.0
+            best = max(at, key=lambda e: (sign * row[metric_at(metric, e)], -e))
+            row[metric], row[f"{metric}_std"] = (row[metric_at(metric, best)],
+                                                 row[metric_at(metric, best) + "_std"])
+        tune.report(row)
 
 
 def _train_fold(cfg: RunConfig, trial_id: str,
@@ -221,53 +232,66 @@ def _fit_history(cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, A
     return result.history, ran
 
 
-def _side_by_side(folds: list[RunConfig],
-                  at_once: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+class _SideBySide:
     """What _fit_history gives for each fold, in fold order, ``at_once`` folds at a time: one in
     this process, the others as Ray tasks in the trial's placement group (Tune has a trial's
-    tasks use it), each slot taking the next fold when it is free. Tasks still running when
-    the trial ends (ASHA stopped it, a fold failed) are cancelled."""
-    import ray
+    tasks use it), each slot taking the next fold when it is free. The first tasks are
+    submitted on creation; ``close`` cancels those still running (ASHA stopped the trial, a
+    fold failed)."""
 
-    from cluster.resources import TrialNeeds
+    def __init__(self, folds: list[RunConfig], at_once: int):
+        import ray
 
-    alone = TrialNeeds.from_config(folds[0])
-    task = ray.remote(_fit_history).options(num_cpus=alone.driver_cpus,
-                                            num_gpus=alone.driver_gpus, max_retries=0)
-    queued = collections.deque(range(len(folds)))
-    running: dict[Any, int] = {}
-    done: dict[int, Any] = {}
+        from cluster.resources import TrialNeeds
 
-    def fill() -> None:
-        while queued and len(running) < at_once - 1:
-            f = queued.popleft()
-            running[task.remote(folds[f].to_dict())] = f
+        alone = TrialNeeds.from_config(folds[0])
+        self._task = ray.remote(_fit_history).options(num_cpus=alone.driver_cpus,
+                                                      num_gpus=alone.driver_gpus, max_retries=0)
+        self._folds, self._at_once = folds, at_once
+        self._queued = collections.deque(range(len(folds)))
+        self._running: dict[Any, int] = {}
+        self._done: dict[int, Any] = {}
+        self._mine: int | None = self._queued.popleft()  # this process's next fold
+        self._fill()
 
-    def collect(wait: bool) -> None:
-        ready, _ = ray.wait(list(running), num_returns=1 if wait else len(running),
+    def _fill(self) -> None:
+        while self._queued and len(self._running) < self._at_once - 1:
+            f = self._queued.popleft()
+            self._running[self._task.remote(self._folds[f].to_dict())] = f
+
+    def _collect(self, wait: bool) -> None:
+        import ray
+
+        ready, _ = ray.wait(list(self._running), num_returns=1 if wait else len(self._running),
                             timeout=None if wait else 0)
         for ref in ready:
-            f = running.pop(ref)
+            f = self._running.pop(ref)
             try:
-                done[f] = ray.get(ref)
+                self._done[f] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:  # the fold's own error, not Ray's
                 raise (e.cause if isinstance(e.cause, Exception) else e) from None
-        fill()
+        self._fill()
 
-    try:
-        for fold in range(len(folds)):
-            while fold not in done:
-                if queued:  # this process takes the next fold, the tasks the ones after it
-                    mine = queued.popleft()
-                    fill()
-                    done[mine] = _fit_history(folds[mine].to_dict())
-                    collect(wait=False)
+    def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any]]]:
+        for fold in range(len(self._folds)):
+            while fold not in self._done:
+                if self._mine is None and self._queued:  # this process takes the next fold,
+                    self._mine = self._queued.popleft()  # the tasks the ones after it
+                    self._fill()
+                if self._mine is not None:
+                    mine, self._mine = self._mine, None
+                    self._done[mine] = _fit_history(self._folds[mine].to_dict())
+                    self._collect(wait=False)
                 else:
-                    collect(wait=True)
-            yield done.pop(fold)
-    finally:
-        for ref in running:
+                    self._collect(wait=True)
+            yield self._done.pop(fold)
+
+    def close(self) -> None:
+        import ray
+
+        for ref in self._running:
             ray.cancel(ref)
+        self._running.clear()
 
 
 def _trainer(cfg: RunConfig, run_name: str, report_to_tune: bool) -> Any:
