@@ -297,10 +297,15 @@ def run_fixed(overrides: list[str], cell: Cell, root: Path, out: str, args: argp
             "train_lines": drawn_lines(cfg)}
 
 
+# self-training on top of each: 2 rounds whose pseudo-labels refit the probe (+unlabeled), and
+# then 4 pair rounds on the labelled and pseudo-labelled examples, so the body learns from them
+# too (+unlabeled-pairs)
+SELFTRAIN_VARIANTS = {"+unlabeled": ["selftrain.rounds=2"],
+                      "+unlabeled-pairs": ["selftrain.rounds=2", "selftrain.pair_rounds=4"]}
 for _name, _overrides in ABLATIONS.items():
     register_method(_name)(partial(run_fixed, _overrides))
-    register_method(f"{_name}+unlabeled")(
-        partial(run_fixed, _overrides + UNLABELED + ["selftrain.rounds=2"]))
+    for _suffix, _selftrain in SELFTRAIN_VARIANTS.items():
+        register_method(_name + _suffix)(partial(run_fixed, _overrides + UNLABELED + _selftrain))
 DEFAULT_METHODS = ["smallshot", "smallshot+unlabeled", "full-ft", "setfit"]
 
 
@@ -625,6 +630,8 @@ def method_notes(methods: list[str], folds: int) -> str:
     for name, overrides in ABLATIONS.items():
         notes[name] = f"{RECIPE.name} {' '.join(overrides)}"
         notes[f"{name}+unlabeled"] = f"{name} + 2 self-training rounds, {unlabeled}"
+        notes[f"{name}+unlabeled-pairs"] = (f"{name} + 2 self-training rounds, then 4 pair "
+                                            f"rounds on labelled + pseudo-labelled, {unlabeled}")
     return " ".join(f"{m}: {notes[m]}." for m in methods if m in notes)
 
 

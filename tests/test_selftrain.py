@@ -116,3 +116,52 @@ def test_bad_self_training_settings_are_one_line_errors(tmp_path, extra, message
     with pytest.raises(ConfigError, match=message) as e:
         digits(tmp_path, *extra)
     assert "\n" not in str(e.value)
+
+
+def tiny_text(tmp_path, *extra):
+    """A contrastive few-shot run of a tiny random BERT, self-trained on the undrawn rest."""
+    model = make_tiny_hf(tmp_path / "bert", "bert")
+    root = write_text_dataset(tmp_path / "toy", n_per_class=20)
+    return load_config(None, [
+        "data.format=text", f"data.root={root}", "data.shots=4", "data.val_shots=0",
+        "data.unlabeled=rest", f"model.name=hf:{model}", "model.pretrained=false",
+        "model.pooling=mean", "model.strategy=contrastive",
+        "model.strategy_params.contrastive.iterations=1", "selftrain.rounds=1",
+        "selftrain.per_class=3", "train.epochs=0", "train.batch_size=4", "train.progress=false",
+        "train.save_checkpoints=false", f"train.output_dir={tmp_path / 'out'}", *extra])
+
+
+def test_pair_rounds_train_the_body_on_the_pseudo_labels_too(tmp_path, monkeypatch):
+    from trainers import strategies
+
+    staged = []  # the examples each pair stage trains on
+    real = strategies.contrastive_stage
+
+    def watched(cfg, built, train, device, **kw):
+        staged.append((len(train), kw["iterations"]))
+        return real(cfg, built, train, device, **kw)
+
+    monkeypatch.setattr(strategies, "contrastive_stage", watched)
+    probe_only = fit(tiny_text(tmp_path, "train.run_name=probe"))
+    assert staged == [(8, 1)]  # 2 classes x 4 shots; the pseudo-labels refit the probe alone
+    paired = fit(tiny_text(tmp_path, "selftrain.pair_rounds=2", "train.run_name=pairs"))
+    # the same picks, then 2 more rounds on the 8 labelled + 2 x 3 pseudo-labelled examples
+    assert staged[1:] == [(8, 1), (14, 2)]
+    picks = [json.loads((r.run_dir / RECORD).read_text())["sources"] for r in (probe_only, paired)]
+    assert picks[0] == picks[1] and len(picks[0]) == 6
+    # a strategy without rounds (lp-ft) has no pair stage: its probe learns from them, as before
+    lp = [fit(tiny_text(tmp_path, "model.strategy=lp-ft", *more, f"train.run_name=lp{i}")).metrics
+          for i, more in enumerate(([], ["selftrain.pair_rounds=2"]))]
+    test = [{k: v for k, v in m.items() if k.startswith("test/")} for m in lp]
+    assert len(staged) == 3 and test[0] == test[1] and test[0]
+
+
+def test_a_run_self_trained_with_pair_rounds_resumes_exactly(tmp_path):
+    common = ["selftrain.pair_rounds=2", "train.epochs=3", "train.save_checkpoints=true"]
+    full = fit(tiny_text(tmp_path / "a", *common))
+    with pytest.raises(Interrupt):
+        fit(tiny_text(tmp_path / "b", *common), interrupted_at(5))
+    resumed = fit(tiny_text(tmp_path / "b", *common, "train.resume=true"))
+    assert resumed.steps == full.steps
+    for key in ("test/accuracy", "test/f1", "test/mcc"):
+        assert resumed.metrics[key] == pytest.approx(full.metrics[key], abs=1e-9), key

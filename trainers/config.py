@@ -277,6 +277,10 @@ class SelfTrainConfig:
     per_class: int = _f(16, lo=1, help="pseudo-labels added per class in each round")
     threshold: float = _f(0.0, lo=0.0, hi=1.0, help="keep only pseudo-labels whose predicted "
                           "probability is at least this")
+    pair_rounds: int = _f(0, lo=0, hi=1000, help="after the last round, this many rounds of the "
+                          "strategy's pair stage on the labelled plus pseudo-labelled examples, "
+                          "then the probe on both, so the body learns from them too (0: the "
+                          "probe alone does; a strategy without rounds, lp-ft, refits its probe)")
 
 
 @dataclass(kw_only=True)

@@ -282,7 +282,7 @@ def prepare(cfg: RunConfig, hooks: Hooks, data: FewShotData | None) -> Run:
                                                  world_size):
         laps.mark("prepared")  # loaded: an earlier run with the same key prepared this model
     if cfg.selftrain.rounds:
-        train_split = self_train(cfg, built, train_split, data.unlabeled, device, run_dir,
+        train_split = self_train(cfg, built, named, data.unlabeled, device, run_dir,
                                  fresh=resume_dir is None, rank=rank)
     laps.mark("strategy")
     plan = StepPlan.of(cfg, len(train_split), world_size, strategy)

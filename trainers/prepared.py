@@ -35,7 +35,7 @@ from trainers.data import Split
 from trainers.errors import ConfigError
 from trainers.locks import flock
 from trainers.models import BuiltModel
-from trainers.strategies import Strategy, build_strategy, topped_up
+from trainers.strategies import Strategy, build_strategy, with_rounds
 
 # config fields read only after the strategy has prepared the model (or never by training):
 # two runs that differ only here prepare the same model
@@ -172,7 +172,7 @@ def prepare_fold_soup(cfg: RunConfig, strategy: Strategy, built: BuiltModel, tra
     built.module.load_state_dict({n: (v / k).to(start[n].dtype) if start[n].is_floating_point()
                                   else start[n] for n, v in total.items()})
     _set_rng_state(rng, device)
-    topup = topped_up(cfg)
+    topup = with_rounds(cfg, cfg.model.soup_topup, "model.soup_topup")
     if topup is not None:  # the stage once more, short, on all K: pairs across the folds
         build_strategy(topup).prepare(topup, built, train, device)
     else:

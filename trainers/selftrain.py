@@ -5,7 +5,9 @@ the embeddings the head receives, as lp-ft fits it) labels the unlabelled exampl
 the most confident of every predicted class - the same number for each class - join the
 labelled examples and the probe is refitted on both; round r keeps r x per_class per class.
 The head becomes the last probe, and the fine-tuning epochs train on the labelled examples plus
-the last round's pseudo-labelled ones.
+the last round's pseudo-labelled ones. With ``selftrain.pair_rounds``, the body learns from them
+as well: that many more rounds of the strategy's pair stage on both, then the probe on both
+(without it, only the probe sees the pseudo-labels, and the embeddings stay as prepared).
 
 Why class-balanced: a probe fitted on 8 examples per class often leans to one class, and an
 unlabelled pool is often skewed (amazon_cf_en is mostly one class); taking the top of each
@@ -29,7 +31,14 @@ from trainers.config import RunConfig
 from trainers.data import Split
 from trainers.errors import CheckpointError, DataError
 from trainers.models import BuiltModel
-from trainers.strategies import fit_linear_probe, head_inputs, head_module, set_head
+from trainers.strategies import (
+    build_strategy,
+    fit_linear_probe,
+    head_inputs,
+    head_module,
+    set_head,
+    with_rounds,
+)
 
 RECORD = "pseudo_labels.json"
 
@@ -81,7 +90,7 @@ def join(train: Split, unlabeled: Split, indices: list[int], labels: list[int]) 
         inputs = list(train.inputs) + list(extra.inputs)
     sources = list(train.sources) + list(extra.sources) if train.sources else []
     return Split(inputs, torch.cat([train.labels, torch.as_tensor(labels, dtype=torch.long)]),
-                 sources)
+                 sources, train.classes)
 
 
 def self_train(cfg: RunConfig, built: BuiltModel, train: Split, unlabeled: Split | None,
@@ -104,4 +113,8 @@ def self_train(cfg: RunConfig, built: BuiltModel, train: Split, unlabeled: Split
     else:
         raise CheckpointError(f"{path}: missing; the run was self-trained, and resuming needs the "
                               f"pseudo-labels it chose (start afresh without train.resume)")
-    return join(train, unlabeled, record["indices"], record["labels"])
+    joined = join(train, unlabeled, record["indices"], record["labels"])
+    again = with_rounds(cfg, cfg.selftrain.pair_rounds, "selftrain.pair_rounds")
+    if fresh and again is not None and record["indices"]:  # resumed: the checkpoint has it
+        build_strategy(again).prepare(again, built, joined, device)
+    return joined

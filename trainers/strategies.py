@@ -151,14 +151,14 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     return make_strategy(cfg.model.strategy, strategy_params(cfg))
 
 
-def topped_up(cfg: RunConfig) -> RunConfig | None:
-    """``cfg`` whose strategy runs ``model.soup_topup`` rounds (the soup's top-up stage), or
-    None when there is none: topping up is off, or the strategy has no rounds (lp-ft)."""
-    if not cfg.model.soup_topup or "iterations" not in params_of(
-            STRATEGIES.get(cfg.model.strategy)):
+def with_rounds(cfg: RunConfig, rounds: int, field: str) -> RunConfig | None:
+    """``cfg`` whose strategy runs ``rounds`` more pair rounds (the setting ``field`` asks for:
+    the soup's top-up, self-training's), or None when there are none: ``rounds`` is 0, or the
+    strategy has no rounds (lp-ft)."""
+    if not rounds or "iterations" not in params_of(STRATEGIES.get(cfg.model.strategy)):
         return None
-    return cfg.replace({f"model.strategy_params.{cfg.model.strategy}.iterations":
-                        cfg.model.soup_topup}, source="model.soup_topup")
+    return cfg.replace({f"model.strategy_params.{cfg.model.strategy}.iterations": rounds},
+                       source=field)
 
 
 def apply_strategy(cfg: RunConfig, built: BuiltModel, train: Split, device: torch.device) -> None:
