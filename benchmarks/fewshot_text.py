@@ -52,8 +52,9 @@ DATASETS = {"sst2": "accuracy", "sst5": "accuracy", "cr": "accuracy", "mr": "acc
 # (1: grid strategy x epochs, retrain; 2: label templates in the pair stage, grid strategy x
 # templates, tune.refit=soup topped up with 4 pair rounds; 3: 16 pairs a step at twice the LR,
 # grid strategy alone, a trial's two folds side by side; later, with no self-trained cell of
-# generation 3 made yet: selftrain.pair_rounds: 4, read only when self-training is on)
-RECIPE_GENERATION = 3
+# generation 3 made yet: selftrain.pair_rounds: 4, read only when self-training is on;
+# 4: train.precision=bf16-native, bf16 autocast on a CPU with bf16 arithmetic)
+RECIPE_GENERATION = 4
 FOLLOWS_RECIPE = {"smallshot", "smallshot+unlabeled", "smallshot-soup"}
 
 
@@ -225,9 +226,10 @@ PINNED_PAIR_STAGE = ["model.strategy_params.contrastive.iterations=10",
                      "model.strategy_params.contrastive.warmup=0.0",
                      "model.strategy_params.contrastive.sampling=anchored",
                      "model.strategy_params.contrastive.templates=0", "model.soup_topup=0"]
-ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0"],
+# float32, as every ablation before the recipe took bf16-native (their cached cells stay valid)
+ABLATION_BASE = {"probe": ["model.strategy=lp-ft", "train.epochs=0", "train.precision=fp32"],
                  "contrastive-probe": ["model.strategy=contrastive", "train.epochs=0",
-                                       *PINNED_PAIR_STAGE]}
+                                       "train.precision=fp32", *PINNED_PAIR_STAGE]}
 PAIR_B16 = ["model.strategy_params.contrastive.batch_size=16",
             "model.strategy_params.contrastive.lr=4.0e-5"]
 FROZEN_TABLE = ["model.strategy_params.contrastive.freeze_embeddings=true"]
@@ -277,6 +279,9 @@ ABLATIONS = {**ABLATION_BASE,
              # ... 16 pairs a step alone (dropout off costs mpqa at N=16:
              # fewshot_pairstage_dropout_mpqa.md)
              "contrastive-probe-templates-b16": [*WITH_TEMPLATES, *PAIR_B16],
+             # ... in bf16 autocast where the CPU multiplies bf16 (the recipe since generation 4)
+             "contrastive-probe-templates-b16-bf16": [*WITH_TEMPLATES, *PAIR_B16,
+                                                      "train.precision=bf16-native"],
              # ... then a few pair rounds on all the shots from the averaged body
              **{f"contrastive-probe-soup-t{n}": [*ABLATION_BASE["contrastive-probe"],
                                                  "model.soup_folds=2", f"model.soup_topup={n}"]

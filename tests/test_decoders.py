@@ -107,6 +107,24 @@ def test_fp16_on_cpu_is_refused_and_bf16_runs(tmp_path: Path) -> None:
     assert result.metrics["test/accuracy"] > 0.3
 
 
+def test_bf16_native_follows_the_hardware(monkeypatch) -> None:
+    """bf16-native: bf16 autocast on CUDA and on a CPU with bf16 arithmetic, fp32 on others;
+    auto stays fp32 on every CPU."""
+    from trainers import engines
+    from trainers.recipe import load_config
+
+    cfg = load_config(None, ["data.format=digits", "model.name=mlp",
+                             "train.precision=bf16-native"])
+    auto = cfg.replace({"train.precision": "auto"})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert isinstance(engines.native_bf16_cpu(), bool)  # this machine's answer, whatever it is
+    for native in (True, False):
+        monkeypatch.setattr(engines, "native_bf16_cpu", lambda native=native: native)
+        assert engines.autocast_dtype(cfg, cpu) == (torch.bfloat16 if native else None)
+        assert engines.autocast_dtype(cfg, cuda) == torch.bfloat16
+        assert engines.autocast_dtype(auto, cpu) is None
+
+
 def test_offload_options_are_checked_against_the_engine_and_stage() -> None:
     base = ["data.format=digits", "model.name=mlp"]
     with pytest.raises(ConfigError, match="train.offload: CPU offload is a DeepSpeed feature"):

@@ -111,7 +111,7 @@ def training_probs(run: Path, texts: list[str]) -> np.ndarray:
     built = load_checkpoint_model(cfg, run / "checkpoints" / "final", len(classes))
     with torch.no_grad():
         logits = built.module.eval()(**Batcher(cfg, built, torch.device("cpu")).texts(texts))
-    return torch.softmax(logits, -1).numpy()
+    return torch.softmax(logits.float(), -1).numpy()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -136,6 +136,18 @@ def test_predict_a_text_file_matches_the_training_forward_pass(text_run, work, c
     assert [r["label_text"] for r in rows] == [["negative", "positive"][r["label"]] for r in rows]
 
 
+def test_a_bf16_runs_predictor_runs_in_bf16(bf16_text_run) -> None:
+    """A run trained in bf16 autocast predicts as its own test evaluation ran: in bf16 (the
+    float32 forward differs by more than the tolerance, so precision is what is checked)."""
+    from trainers.predictor import load_predictor
+
+    probs = load_predictor(bf16_text_run).predict(SENTENCES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = training_probs(bf16_text_run, SENTENCES)
+    np.testing.assert_allclose(probs, bf16, atol=1e-6)
+    assert np.abs(probs - training_probs(bf16_text_run, SENTENCES)).max() > 1e-5
+
+
 def test_predict_reads_stdin_and_writes_tsv(text_run, capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(SENTENCES[:2]) + "\n\n"))
     rc, out, err = run_cli(["predict", str(text_run), "-", "--no-progress"], capsys)
@@ -148,23 +160,38 @@ def test_predict_reads_stdin_and_writes_tsv(text_run, capsys, monkeypatch) -> No
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_evaluate_text_equals_the_runs_own_test_metrics(text_run, work, capsys) -> None:
-    """The run's test split (16 fixed examples) scored by evaluate == fit's test/ metrics."""
+@pytest.fixture(scope="module")
+def bf16_text_run(work: Path) -> Path:
+    """The text run's recipe in bf16 autocast (as configs/fewshot-minilm.yaml on a CPU with
+    bf16 arithmetic; emulated by torch on other CPUs)."""
+    cfg = load_config(CONFIGS / "sst2-minilm.yaml", [
+        "data.root=" + str(need_shared("data", "text", "sst2")), "data.shots=4",
+        "train.max_steps=2", "data.max_test=16", f"train.output_dir={work}/runs",
+        "train.run_name=text-bf16", "train.progress=false", "train.precision=bf16"])
+    return fit(cfg).run_dir
+
+
+@pytest.mark.parametrize("which", ["text_run", "bf16_text_run"])
+def test_evaluate_text_equals_the_runs_own_test_metrics(which, work, capsys, request) -> None:
+    """The run's test split (16 fixed examples) scored by evaluate == fit's test/ metrics, in
+    the run's own precision (a bf16 run's logits differ from float32's in the 3rd digit)."""
     from trainers.data import load_dataset
 
-    cfg = load_config(text_run / "config.yaml", check_paths=False)
+    run = request.getfixturevalue(which)
+    cfg = load_config(run / "config.yaml", check_paths=False)
     test = load_dataset(cfg.data).test
     labelled = work / "test16.tsv"
     labelled.write_text("label\ttext\n" + "".join(
         f"{y}\t{t}\n" for t, y in zip(test.inputs, test.labels.tolist())))
-    rc, out, err = run_cli(["evaluate", str(text_run), str(labelled), "--out",
-                            str(work / "eval-text")], capsys)
+    rc, out, err = run_cli(["evaluate", str(run), str(labelled), "--out",
+                            str(work / f"eval-{which}")], capsys)
     assert rc == 0, err
-    got = json.loads((work / "eval-text" / "metrics.json").read_text())
-    want = json.loads((text_run / "result.json").read_text())["metrics"]
+    got = json.loads((work / f"eval-{which}" / "metrics.json").read_text())
+    want = json.loads((run / "result.json").read_text())["metrics"]
     for k in ("accuracy", "f1", "precision", "recall", "mcc"):
         assert got[k] == pytest.approx(want[f"test/{k}"], abs=1e-9), k
-    assert "| negative |" in out and (work / "eval-text" / "confusion.png").stat().st_size > 1000
+    assert "| negative |" in out
+    assert (work / f"eval-{which}" / "confusion.png").stat().st_size > 1000
 
 
 def test_predict_and_evaluate_an_image_model(image_run, image_root, work, capsys) -> None:

@@ -232,8 +232,9 @@ class TrainConfig:
                               "too, fetched per layer")
     grad_checkpointing: bool = _f(False, help="recompute activations in backward instead of "
                                   "storing them (Hugging Face models): less memory, ~30% slower")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
-        "auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-native"] = _f(
+        "auto", help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16-native: bf16 autocast on "
+        "CUDA and on CPUs with bf16 arithmetic (AMX, AVX512-BF16), fp32 on other CPUs")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: CUDA when present")
     seed: int = _f(0, lo=0, help="seed of initialisation, shuffling and dropout")
     output_dir: str = _f("runs", help="folder that holds one folder per run")

@@ -139,11 +139,17 @@ Forward = Callable[[dict[str, torch.Tensor]], np.ndarray]
 def _checkpoint_forward(src: ModelSource) -> tuple[Forward, Any]:
     from trainers.checkpoints import load_checkpoint_model
 
+    from trainers.engines import autocast_dtype
+
     built = load_checkpoint_model(src.cfg, src.weights.parent, len(src.classes))
     module = built.module.eval()
+    # the run's own precision, so `evaluate` scores a bf16 run as its test evaluation did
+    # (exports are float32 models: their outputs differ from a bf16 run's in the 3rd digit)
+    dtype = autocast_dtype(src.cfg, torch.device("cpu"))
 
     def forward(inputs: dict[str, torch.Tensor]) -> np.ndarray:
-        return module(**inputs).float().numpy()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return module(**inputs).float().numpy()
     return forward, built.tokenizer
 
 

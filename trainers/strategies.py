@@ -30,7 +30,7 @@ from torch import nn
 from trainers.batches import Batcher, epoch_order, inference_batches, step_seed
 from trainers.config import RunConfig, Schedule
 from trainers.data import Split
-from trainers.engines import create_engine, world
+from trainers.engines import autocast_dtype, create_engine, world
 from trainers.errors import ConfigError
 from trainers.models import BuiltModel
 from trainers.registry import Registry, params_of
@@ -212,7 +212,9 @@ def head_inputs(built: BuiltModel, batcher, split: Split, batch_size: int) -> to
     """What the head receives for each example (eval mode: no dropout)."""
     was_training = built.module.training
     built.module.eval()
-    with swapped_head(built, nn.Identity()):
+    dtype = autocast_dtype(batcher.cfg, batcher.device)  # as the engine's forward runs
+    with swapped_head(built, nn.Identity()), torch.autocast(
+            batcher.device.type, dtype=dtype, enabled=dtype is not None):
         feats = embed_split(built.module, batcher, split, batch_size)
     built.module.train(was_training)
     return feats
