@@ -138,7 +138,6 @@ Forward = Callable[[dict[str, torch.Tensor]], np.ndarray]
 
 def _checkpoint_forward(src: ModelSource) -> tuple[Forward, Any]:
     from trainers.checkpoints import load_checkpoint_model
-
     from trainers.engines import autocast_dtype
 
     built = load_checkpoint_model(src.cfg, src.weights.parent, len(src.classes))
