@@ -136,6 +136,25 @@ def select_by_sweep(cfg, folds: int, metric: str, workdir: str | Path
             sweep, outcome.sweep_dir)
 
 
+def sweep_timeline(sweep_dir: Path, t0: float) -> list[dict[str, Any]]:
+    """When each trial and each of its folds ran, in seconds from the sweep's start (from the
+    trials' own records): where a draw's time goes."""
+    from cluster.trial import TRIAL_RECORD
+    from trainers import io
+
+    def at(t: float | None) -> float | None:
+        return None if t is None else round(t - t0, 2)
+
+    out = []
+    for rec in sorted((Path(sweep_dir) / "runs").glob(f"*/{TRIAL_RECORD}")):
+        d = io.read_json(rec)
+        out.append({"params": d.get("params"), "started": at(d.get("started")),
+                    "imports_s": d.get("imports_s"), "ended": at(d.get("ended")),
+                    "folds": [[f.get("pid"), at(f.get("started")), at(f.get("ended"))]
+                              for f in d.get("folds", [])]})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Methods (registry: name -> runner)
 
@@ -175,14 +194,18 @@ def run_smallshot(cell: Cell, root: Path, out: str, args: argparse.Namespace,
     if unlabeled:
         cfg = cfg.replace({"tune.space": {**cfg.tune.space, **SELFTRAIN_AXIS}},
                           source="self-training axis")
+    t0 = time.time()
     selection, sweep, sweep_dir = select_by_sweep(cfg, args.folds, cell.metric,
                                                   Path(out) / "select")
+    t1 = time.time()
     # the final run as the sweep's report trains it (cluster.report), here on this draw alone
     chosen = sweep.replace({**selection["params"], "train.test": True,
                             "train.output_dir": out, "train.run_name": "final"},
                            source="selected by few-shot CV")
     final = fit(final_config(chosen, sweep_dir))
-    return {"test": _test_metrics(final.metrics), "selection": selection,
+    phases = {"sweep_s": round(t1 - t0, 2), "final_s": round(time.time() - t1, 2),
+              "trials": sweep_timeline(sweep_dir, t0)}
+    return {"test": _test_metrics(final.metrics), "selection": selection, "phases": phases,
             "recipe": " ".join([str(RECIPE.relative_to(PROJECT)),
                                 *([f"tune.refit={refit}"] if refit else []), *extra]),
             "train_lines": drawn_lines(cfg)}

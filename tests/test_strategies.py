@@ -247,7 +247,9 @@ def test_zero_shot_prior_scales_with_what_the_names_know():
 
 
 def test_inference_batches_pad_little_and_keep_the_input_order(tmp_path):
-    cfg = text(tmp_path, "data.max_length=64")
+    # float32: the batches' padding must not change an embedding (bf16 rounds differently
+    # at other sequence lengths)
+    cfg = text(tmp_path, "data.max_length=64", "train.precision=fp32")
     data = load_dataset(cfg.data, with_test=False)
     built = create_model(cfg.model, data.num_classes)
     batcher = Batcher(cfg, built, CPU)
