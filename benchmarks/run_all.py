@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "augment_accuracy": ([], ["--quick"]),
     "train_overhead": ([], ["--repeats", "1", "--models", "mlp"]),
     "fewshot_text": ([], ["--quick"]),
+    "precision_speed": ([], ["--reps", "1"]),
     "omniglot_oneshot": ([], ["--quick"]),
 }
 
