@@ -57,6 +57,11 @@ def test_quick_run_of_our_methods_caches_cells(tmp_path, local_ray):
     assert cells["smallshot"]["train_lines"] == cells["full-ft"]["train_lines"]
     assert len(cells["smallshot"]["train_lines"]) == 16
     assert cells["smallshot"]["selection"]["params"]["train.epochs"] in (0, 2)
+    # where the draw's time went: the sweep, the final run, each trial's folds
+    phases = cells["smallshot"]["phases"]
+    assert phases["sweep_s"] > 0 and phases["final_s"] > 0
+    assert [t["params"]["model.strategy"] for t in phases["trials"]] == ["lp-ft"]
+    assert all(0 <= f[1] <= f[2] for t in phases["trials"] for f in t["folds"])
     for c in cells.values():
         assert 0.0 <= c["value"] <= 1.0
     assert (tmp_path / "fewshot_text_quick.png").stat().st_size > 1000
@@ -138,7 +143,7 @@ def test_cached_cells_keep_meaning_what_they_measured(monkeypatch):
                                     "freeze_embeddings": False, "dropout": True,
                                     "schedule": "constant", "warmup": 0.0,
                                     "sampling": "anchored", "templates": 0}
-    assert cfg.model.soup_topup == 0
+    assert cfg.model.soup_topup == 0 and cfg.train.precision == "fp32"
     # the methods that follow the recipe cache under its generation (from the second on)
     monkeypatch.setattr(bench, "RECIPE_GENERATION", 1)
     assert bench.Cell("cr", 8, 0, "smallshot", 0).key == "cr-n8-s0-tfull-smallshot"
