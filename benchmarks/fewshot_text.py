@@ -463,6 +463,17 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                + markdown_table(["method", "dataset", "N/class", "choices"],
                                 [[m, ds, str(n), "; ".join(f"{c} x {k}" for k, c in counts)]
                                  for (m, ds, n), counts in picks.items()]))
+    phases = phase_means(rows)
+    if phases:
+        md += ("\nWhere a CV draw's time goes (mean seconds per draw, from the cells' own "
+               "records): Tune's set-up until the first trial runs, the first trial's imports "
+               "until its first fold trains, the whole sweep, then the final run (the soup, its "
+               "top-up rounds, the probe and the test split).\n\n"
+               + markdown_table(["method", "N/class", "draws", "first trial starts",
+                                 "first fold trains", "sweep", "final run", "total"],
+                                [[m, str(n), str(p["draws"]), *(f"{p[k]:.1f}" for k in (
+                                    "trial_start", "fold_start", "sweep_s", "final_s",
+                                    "seconds"))] for (m, n), p in phases.items()]))
     checks = cv_checks(rows)
     if checks:
         md += ("\nDid the final run test where its CV said? (`cluster.report.cv_check`: the test "
@@ -475,6 +486,21 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, An
                                   str(c["above"]), fmt(c["gaps"])]
                                  for (m, ds, n), c in checks.items()]))
     return summary, md
+
+
+def phase_means(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (method, N), the mean of each phase of the draws whose cells record them."""
+    groups: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for r in rows:
+        p = r.get("phases")
+        if not p or not p.get("trials") or not p["trials"][0]["folds"]:
+            continue
+        first = p["trials"][0]
+        groups.setdefault((r["method"], r["shots"]), []).append({
+            "trial_start": first["started"], "fold_start": min(f[1] for f in first["folds"]),
+            "sweep_s": p["sweep_s"], "final_s": p["final_s"], "seconds": r["seconds"]})
+    return {k: {"draws": len(v), **{f: statistics.fmean(d[f] for d in v) for f in v[0]}}
+            for k, v in sorted(groups.items())}
 
 
 GOAL = {"ahead_of": "setfit", "margin": 0.03}  # #19: ahead on every dataset, mean margin 3 points

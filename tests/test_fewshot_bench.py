@@ -86,6 +86,17 @@ def test_quick_run_of_setfit(tmp_path):
     assert len(cell["train_lines"]) == 16
 
 
+def test_phase_means_average_what_the_cells_recorded():
+    def cell(seed, start, sweep):
+        trials = [{"params": {}, "started": start, "folds": [[1, start + 2, 9], [2, start + 3, 9]]}]
+        return {"method": "smallshot", "shots": 8, "seed": seed, "seconds": sweep + 5,
+                "phases": {"sweep_s": sweep, "final_s": 5.0, "trials": trials}}
+    rows = [cell(0, 1.0, 10.0), cell(1, 2.0, 12.0), {"method": "setfit", "shots": 8}]
+    assert bench.phase_means(rows) == {("smallshot", 8): {
+        "draws": 2, "trial_start": 1.5, "fold_start": 3.5, "sweep_s": 11.0, "final_s": 5.0,
+        "seconds": 16.0}}
+
+
 def test_paired_differences_and_selection_counts():
     rows = [{"dataset": "cr", "shots": 8, "seed": s, "method": m, "value": v,
              **({"selection": {"params": {"model.strategy": p}}} if m == "smallshot" else {})}
