@@ -148,6 +148,20 @@ def test_a_bf16_runs_predictor_runs_in_bf16(bf16_text_run) -> None:
     assert np.abs(probs - training_probs(bf16_text_run, SENTENCES)).max() > 1e-5
 
 
+def test_a_cuda_fp16_run_predicts_in_float32_on_a_cpu(text_run, tmp_path) -> None:
+    """A run trained in fp16 on a GPU (its config says so) still predicts on a CPU, in float32
+    (CPUs have no fp16 autocast), as the same weights do in a float32 run."""
+    from trainers.predictor import load_predictor
+
+    run = tmp_path / "fp16-run"
+    shutil.copytree(text_run, run)
+    conf = run / "config.yaml"
+    conf.write_text(conf.read_text().replace("precision: auto", "precision: fp16"))
+    assert "precision: fp16" in conf.read_text()
+    np.testing.assert_allclose(load_predictor(run).predict(SENTENCES),
+                               training_probs(text_run, SENTENCES), atol=1e-5)
+
+
 def test_predict_reads_stdin_and_writes_tsv(text_run, capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(SENTENCES[:2]) + "\n\n"))
     rc, out, err = run_cli(["predict", str(text_run), "-", "--no-progress"], capsys)

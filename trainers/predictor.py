@@ -143,8 +143,10 @@ def _checkpoint_forward(src: ModelSource) -> tuple[Forward, Any]:
     built = load_checkpoint_model(src.cfg, src.weights.parent, len(src.classes))
     module = built.module.eval()
     # the run's own precision, so `evaluate` scores a bf16 run as its test evaluation did
-    # (exports are float32 models: their outputs differ from a bf16 run's in the 3rd digit)
-    dtype = autocast_dtype(src.cfg, torch.device("cpu"))
+    # (exports are float32 models: their outputs differ from a bf16 run's in the 3rd digit);
+    # a CUDA run in fp16 predicts in float32 here, as CPUs have no fp16 autocast
+    cpu = torch.device("cpu")
+    dtype = None if src.cfg.train.precision == "fp16" else autocast_dtype(src.cfg, cpu)
 
     def forward(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
