@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     root = need_sst2()
     work = Path(tempfile.mkdtemp(prefix="precision_speed_"))
-    base = [f"data.root={root}", "data.shots=8", "data.seed=0", "data.max_test=0",
+    base = [f"data.root={root}", "data.shots=8", "data.seed=0", "data.max_test=null",
             f"train.output_dir={work}"]
     precisions = {"fp32": "fp32", "bf16": "bf16"}
 
