@@ -77,6 +77,10 @@ class Cell:
                   and RECIPE_GENERATION > 1 else self.method)  # generation 1: the first names
         return f"{self.dataset}-n{self.shots}-s{self.seed}-t{test}{extra}-{method}"
 
+    def cache_file(self, cache: Path) -> Path:
+        """Where the cell's result is cached under ``cache``."""
+        return cache / f"{self.key}.json"
+
     @property
     def metric(self) -> str:
         return DATASETS.get(self.dataset, "accuracy")
@@ -400,7 +404,7 @@ def run_setfit(cell: Cell, root: Path, out: str, args: argparse.Namespace) -> di
 
 
 def run_cell(cell: Cell, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    path = cache / f"{cell.key}.json"
+    path = cell.cache_file(cache)
     if path.is_file():
         return io.read_json(path)
     root = Path(args.data_root) / cell.dataset
@@ -729,7 +733,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_ray_first(cells: list[Cell], cache: Path) -> float | None:
     """Start Ray before the first cell that sweeps, so that no one cell's time includes it
     (each draw's sweep then finds Ray up, as after `launch.py up`); its seconds, or None."""
-    if not any(c.method in FOLLOWS_RECIPE and not (cache / f"{c.key}.json").is_file()
+    if not any(c.method in FOLLOWS_RECIPE and not c.cache_file(cache).is_file()
                for c in cells):
         return None
     from cluster.session import ensure_ray
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows, skipped = [], 0
     for cell in cells:
-        cached = (cache / f"{cell.key}.json").is_file()
+        cached = cell.cache_file(cache).is_file()
         if not cached and ((args.budget_min is not None
                             and time.perf_counter() - t0 > 60 * args.budget_min)
                            or (no_setfit and cell.method == "setfit")):

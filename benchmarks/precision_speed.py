@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, markdown_table, need_sst2, write_results
+from benchmarks.common import RESULTS, in_turn, markdown_table, need_sst2, write_results
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fewshot-minilm.yaml"
+PRECISIONS = ("fp32", "bf16")  # train.precision values, timed in turn
 
 
 def cpu_name() -> str:
@@ -54,11 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="precision_speed_"))
     base = [f"data.root={root}", "data.shots=8", "data.seed=0", "data.max_test=null",
             f"train.output_dir={work}"]
-    precisions = {"fp32": "fp32", "bf16": "bf16"}
-
     def fold_seconds(p: str, rep: int) -> float:
         cfg = load_config(RECIPE, [*base, "data.folds=2", "data.fold=0", "train.test=false",
-                                   "train.num_threads=1", f"train.precision={precisions[p]}",
+                                   "train.num_threads=1", f"train.precision={p}",
                                    f"train.run_name=fold-{p}-{rep}"])
         t0 = time.perf_counter()
         fit(cfg)
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     data = load_dataset(cfg.data)
     built = create_model(cfg.model, data.num_classes)
-    batchers = {p: Batcher(cfg.replace({"train.precision": precisions[p]}), built,
-                           torch.device("cpu")) for p in precisions}
+    batchers = {p: Batcher(cfg.replace({"train.precision": p}), built, torch.device("cpu"))
+                for p in PRECISIONS}
 
     def inference(p: str) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
@@ -77,17 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter() - t0, feats
 
     fold_seconds("fp32", -1)  # warm-up: lazy imports, the model cache, first-call allocations
-    secs: dict[str, dict[str, list[float]]] = {"fold": {p: [] for p in precisions},
-                                               "inference": {p: [] for p in precisions}}
     feats: dict[str, torch.Tensor] = {}
-    for rep in range(args.reps):
-        for p in precisions:
-            secs["fold"][p].append(fold_seconds(p, rep))
-            torch.set_num_threads(2)  # fit set the fold's 1 thread
-            s, feats[p] = inference(p)
-            secs["inference"][p].append(s)
-            print(f"rep {rep} {p}: fold {secs['fold'][p][-1]:.2f} s, "
-                  f"inference {secs['inference'][p][-1]:.2f} s", flush=True)
+
+    def run_one(p: str, rep: int) -> dict[str, float]:
+        fold = fold_seconds(p, rep)
+        torch.set_num_threads(2)  # fit set the fold's 1 thread
+        seconds, feats[p] = inference(p)
+        return {"fold": fold, "inference": seconds}
+
+    runs = in_turn(list(PRECISIONS), args.reps, run_one)
+    secs = {k: {p: [r[k] for r in runs[p]] for p in PRECISIONS} for k in ("fold", "inference")}
     shutil.rmtree(work, ignore_errors=True)
     cos = torch.nn.functional.cosine_similarity(feats["fp32"], feats["bf16"].float(), dim=-1)
 

@@ -49,15 +49,25 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("use")
 
 
-@pytest.fixture(scope="module")
-def text_run(work: Path) -> Path:
+def minilm_run(work: Path, name: str, *extra: str) -> Path:
     """MiniLM, mean pooling (the sst2-minilm recipe), two optimizer steps on 4 shots/class."""
-    need_shared("data", "text", "sst2")
     cfg = load_config(CONFIGS / "sst2-minilm.yaml", [
         "data.root=" + str(need_shared("data", "text", "sst2")), "data.shots=4",
         "train.max_steps=2", "data.max_test=16", f"train.output_dir={work}/runs",
-        "train.run_name=text", "train.progress=false"])
+        f"train.run_name={name}", "train.progress=false", *extra])
     return fit(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def text_run(work: Path) -> Path:
+    return minilm_run(work, "text")
+
+
+@pytest.fixture(scope="module")
+def bf16_text_run(work: Path) -> Path:
+    """The text run's recipe in bf16 autocast (as configs/fewshot-minilm.yaml on a CPU with
+    bf16 arithmetic; emulated by torch on other CPUs)."""
+    return minilm_run(work, "text-bf16", "train.precision=bf16")
 
 
 @pytest.fixture(scope="module")
@@ -172,17 +182,6 @@ def test_predict_reads_stdin_and_writes_tsv(text_run, capsys, monkeypatch) -> No
     expected = training_probs(text_run, SENTENCES[:2])
     got = np.array([[float(v) for v in r.split("\t")[3:]] for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def bf16_text_run(work: Path) -> Path:
-    """The text run's recipe in bf16 autocast (as configs/fewshot-minilm.yaml on a CPU with
-    bf16 arithmetic; emulated by torch on other CPUs)."""
-    cfg = load_config(CONFIGS / "sst2-minilm.yaml", [
-        "data.root=" + str(need_shared("data", "text", "sst2")), "data.shots=4",
-        "train.max_steps=2", "data.max_test=16", f"train.output_dir={work}/runs",
-        "train.run_name=text-bf16", "train.progress=false", "train.precision=bf16"])
-    return fit(cfg).run_dir
 
 
 @pytest.mark.parametrize("which", ["text_run", "bf16_text_run"])
