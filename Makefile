@@ -17,7 +17,10 @@ setup: $(STAMP)
 
 # Order matters here: torch from the local wheel store first, then Ray and HF against it,
 # then DeepSpeed built against the installed torch (it needs torch at build time).
+# The venv takes ~7 GB (torch's build brings its CUDA libraries): say so up front on a small disk.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); [ "$$free_kb" -ge 8000000 ] || \
+	  echo "setup: warning: $$((free_kb / 1048576)) GB free here; the install needs ~8 GB" >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -r requirements.txt -r requirements-test.txt

@@ -122,10 +122,21 @@ def test_goal_check_counts_datasets_ahead_margins_and_time_on_paired_draws():
     assert (c["ahead"], c["datasets"]) == (1, 2)  # cr +0.15, mr -0.025
     assert c["mean_margin"] == pytest.approx(0.0625) and c["min_margin"] == pytest.approx(-0.025)
     assert (c["seconds"], c["baseline_seconds"]) == (20.0, 40.0)
-    assert "| smallshot | 8 | 1/2 | +6.3 | -2.5 | 20 (40) | no |" in bench.goal_table(
+    assert (c["no_slower"], c["timed_datasets"]) == (2, 2)
+    assert "| smallshot | 8 | 1/2 | +6.3 | -2.5 | 20 (40) | 2/2 | no |" in bench.goal_table(
         {("smallshot", 8): c})
     c.update(ahead=2, min_margin=0.01)
     assert bench.goal_table({("smallshot", 8): c}).rstrip().endswith("| yes |")
+
+
+def test_goal_check_counts_datasets_where_one_slow_dataset_does_not_carry_the_mean():
+    # mr is slower than setfit on its own draws; cr's long setfit runs pull the mean under
+    rows = [{"dataset": ds, "shots": 8, "seed": s, "method": m, "value": 0.7, "seconds": t}
+            for ds, ours, theirs in (("cr", 20.0, 60.0), ("mr", 15.0, 10.0))
+            for s in range(2) for m, t in (("smallshot", ours), ("setfit", theirs))]
+    c = bench.goal_checks(rows, ["smallshot", "setfit"])[("smallshot", 8)]
+    assert c["seconds"] < c["baseline_seconds"]
+    assert (c["no_slower"], c["timed_datasets"]) == (1, 2)
 
 
 def test_cv_checks_compare_each_final_run_with_its_chosen_trial():
