@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, fmt, markdown_table, mean_std, write_results
+from benchmarks.common import RESULTS, cpu_description, fmt, markdown_table, mean_std, write_results
 from trainers import io
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f" test examples per dataset. {method_notes(methods, args.folds)}"
             + (f" Ray was started once before the cells ({ray_s:.1f} s, in no cell's time), as "
                f"`launch.py up` keeps it between sweeps." if ray_s is not None else ""))
-    plan = {"note": note, "machine": f"{os.cpu_count()} CPU cores, shared, no GPU"}
+    plan = {"note": note, "machine": f"{cpu_description()}, shared, no GPU"}
     name = args.name or ("fewshot_text_quick" if args.quick else "fewshot_text")
     replayed = replay_prefer(rows)
     if replayed:

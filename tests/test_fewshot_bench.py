@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -174,3 +175,13 @@ def test_cached_cells_keep_meaning_what_they_measured(monkeypatch):
     assert bench.Cell("cr", 8, 0, "smallshot-retrain", 0).key == (
         "cr-n8-s0-tfull-smallshot-retrain-g2")
     assert bench.Cell("cr", 8, 0, "contrastive-probe", 0).key == "cr-n8-s0-tfull-contrastive-probe"
+
+
+def test_results_name_the_cpu_and_whether_bf16_native_ran_bf16(monkeypatch):
+    from benchmarks.common import cpu_description
+    from trainers import engines
+
+    monkeypatch.setattr(engines, "native_bf16_cpu", lambda: True)
+    assert cpu_description().endswith(f"{os.cpu_count()} cores, bf16 in hardware")
+    monkeypatch.setattr(engines, "native_bf16_cpu", lambda: False)
+    assert "(bf16-native: fp32)" in cpu_description()
