@@ -28,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -412,9 +413,18 @@ def run_cell(cell: Cell, args: argparse.Namespace, cache: Path) -> dict[str, Any
     with tempfile.TemporaryDirectory() as out:
         result = METHODS[cell.method](cell, root, out, args)
     row = {**asdict(cell), **result, "seconds": round(time.perf_counter() - t0, 1),
-           "value": result["test"][cell.metric]}
+           "value": result["test"][cell.metric], "cpu": cpu_description()}
     io.write_json(path, row)
     return row
+
+
+def machines_of(rows: list[dict[str, Any]]) -> str:
+    """Where the cells ran (each records its CPU; cached cells may come from other machines,
+    and their times moved with it), for the report's note on wall times."""
+    cpus = Counter(r.get("cpu", "a CPU not recorded") for r in rows)
+    where = "; ".join(cpu if len(cpus) == 1 else f"{cpu} ({n} cell{'s' * (n != 1)})"
+                      for cpu, n in cpus.most_common())
+    return f"{where or 'no cells'}; shared, no GPU"
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str], plan: dict[str, Any],
@@ -783,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f" test examples per dataset. {method_notes(methods, args.folds)}"
             + (f" Ray was started once before the cells ({ray_s:.1f} s, in no cell's time), as "
                f"`launch.py up` keeps it between sweeps." if ray_s is not None else ""))
-    plan = {"note": note, "machine": f"{cpu_description()}, shared, no GPU"}
+    plan = {"note": note, "machine": machines_of(rows)}
     name = args.name or ("fewshot_text_quick" if args.quick else "fewshot_text")
     replayed = replay_prefer(rows)
     if replayed:

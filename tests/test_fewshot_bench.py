@@ -185,3 +185,10 @@ def test_results_name_the_cpu_and_whether_bf16_native_ran_bf16(monkeypatch):
     assert cpu_description().endswith(f"{os.cpu_count()} cores, bf16 in hardware")
     monkeypatch.setattr(engines, "native_bf16_cpu", lambda: False)
     assert "(bf16-native: fp32)" in cpu_description()
+
+
+def test_report_names_the_cpus_its_cells_ran_on():
+    rows = [{"cpu": "Xeon"}, {"cpu": "Xeon"}, {"cpu": "EPYC"}, {}]
+    assert bench.machines_of(rows) == ("Xeon (2 cells); EPYC (1 cell); a CPU not recorded "
+                                       "(1 cell); shared, no GPU")
+    assert bench.machines_of(rows[:2]) == "Xeon; shared, no GPU"
