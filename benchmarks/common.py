@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -35,10 +37,7 @@ def cpu_description() -> str:
     """This machine's CPU as a results note names it: the model, the cores, and whether it
     multiplies bf16 in hardware: where it does not, train.precision=bf16-native runs fp32 and
     every time in a report moves (fewshot_gen4_timing.md against fewshot_gen4_timing_epyc.md)."""
-    import os
-    import platform
-
-    from trainers.engines import native_bf16_cpu
+    from trainers.engines import native_bf16_cpu  # torch: only when a result is written
 
     model = platform.processor() or platform.machine()
     try:
