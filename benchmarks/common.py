@@ -33,21 +33,25 @@ def timed_launch(args: list[str], env: dict[str, str], timeout: float = 3600
     return proc, wall
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_description() -> str:
     """This machine's CPU as a results note names it: the model, the cores, and whether it
     multiplies bf16 in hardware: where it does not, train.precision=bf16-native runs fp32 and
     every time in a report moves (fewshot_gen4_timing.md against fewshot_gen4_timing_epyc.md)."""
     from trainers.engines import native_bf16_cpu  # torch: only when a result is written
 
-    model = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
     bf16 = "bf16 in hardware" if native_bf16_cpu() else "no bf16 arithmetic (bf16-native: fp32)"
-    return f"{model}, {os.cpu_count()} cores, {bf16}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {bf16}"
 
 
 def need_sst2() -> Path:

@@ -12,7 +12,6 @@ similarity of the two precisions' vectors, the pretrained body).
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import tempfile
@@ -21,20 +20,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, in_turn, markdown_table, need_sst2, write_results
+from benchmarks.common import RESULTS, cpu_name, in_turn, markdown_table, need_sst2, write_results
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fewshot-minilm.yaml"
 PRECISIONS = ("fp32", "bf16")  # train.precision values, timed in turn
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
